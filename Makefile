@@ -1,0 +1,22 @@
+# The two entry points of the README: `make run` (train, then test) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+# The CIFAR-10 copy beside the checkout when there is one, else ./data (downloaded by torchvision).
+DATA_DIR ?= $(if $(wildcard ../shared/cifar10/train.npz),../shared/cifar10,data)
+CONFIG ?= configs/default.yaml
+ARGS ?=
+
+.PHONY: run test
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet -e ".[test]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/cifar-lightning fit --config $(CONFIG) --data.data_dir $(DATA_DIR) --data.download true $(ARGS)
+	$(VENV)/bin/cifar-lightning test --config $(CONFIG) --data.data_dir $(DATA_DIR) \
+		--ckpt_path "$$(ls -td lightning_logs/version_*/ | head -n 1)checkpoints/best.ckpt" $(ARGS)
+
+test: $(VENV)/.installed
+	$(VENV)/bin/pytest

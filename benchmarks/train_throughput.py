@@ -1,0 +1,92 @@
+"""Training throughput, side by side in one process: Lightning `fit` vs a plain PyTorch loop.
+
+Both train the same network (Normalized ImprovedCNN, channels_last) with the same optimizer,
+batch size, data (CIFAR10DataModule's in-memory uint8 tensors) and batch augmentation, for the same
+number of steps after the same warm-up; the order alternates over repeats to share out drift.
+
+    python benchmarks/train_throughput.py --data_dir ../shared/cifar10 --steps 30 --repeats 2
+"""
+
+import argparse
+import statistics
+import time
+
+import lightning as L
+import torch
+from torch import nn
+
+from cifar_lightning.data import CIFAR10DataModule, random_crop_flip
+from cifar_lightning.module import ClassifierModule
+
+
+class _StepTimer(L.Callback):
+    """Wall time from the end of the warm-up steps to the end of the last step."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end = warmup, None, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+        self.end = time.perf_counter()
+
+
+def lightning_fit(datamodule: CIFAR10DataModule, steps: int, warmup: int) -> float:
+    timer = _StepTimer(warmup)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, precision="32-true", max_steps=warmup + steps, limit_val_batches=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[timer],
+    )
+    trainer.fit(ClassifierModule(), datamodule=datamodule)
+    return steps * datamodule.hparams.batch_size / (timer.end - timer.start)
+
+
+def plain_loop(datamodule: CIFAR10DataModule, steps: int, warmup: int) -> float:
+    module = ClassifierModule()  # only its network and its optimizer settings
+    net = module.net.train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=module.hparams.lr, weight_decay=module.hparams.weight_decay)
+    batches = iter(datamodule.train_dataloader())
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+        images, labels = next(batches)
+        images = random_crop_flip(images).float().div_(255).contiguous(memory_format=torch.channels_last)
+        loss = nn.functional.cross_entropy(net(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * datamodule.hparams.batch_size / (time.perf_counter() - start)
+
+
+PIPELINES = {"lightning": lightning_fit, "plain": plain_loop}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data_dir", default="../shared/cifar10")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    datamodule = CIFAR10DataModule(data_dir=args.data_dir, batch_size=args.batch_size)
+    datamodule.setup("fit")
+    rates = {name: [] for name in PIPELINES}
+    for repeat in range(args.repeats):
+        order = list(PIPELINES) if repeat % 2 == 0 else list(reversed(PIPELINES))
+        for name in order:
+            torch.manual_seed(repeat)
+            rates[name].append(PIPELINES[name](datamodule, args.steps, args.warmup))
+    base = statistics.median(rates["plain"])
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"{args.steps} steps after {args.warmup} warm-up, {args.repeats} repeats (median)")
+    print(f"{'pipeline':<12}{'images/s':>10}{'vs plain':>10}")
+    for name, values in rates.items():
+        median = statistics.median(values)
+        print(f"{name:<12}{median:>10.1f}{median / base:>10.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Helpers shared by the tests: data slices, the entry point, TensorBoard event files."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SHARED_CIFAR10 = Path(os.environ.get("CIFAR10_DIR", Path(__file__).resolve().parents[2] / "shared" / "cifar10"))
+CLI = [str(Path(sys.executable).with_name("cifar-lightning"))]
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def write_slice(folder: Path, n_train: int, n_test: int) -> Path:
+    """train.npz/test.npz with the first images of the real copy (random images if it is absent)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("test", n_test)):
+        if (SHARED_CIFAR10 / f"{split}.npz").is_file():
+            with np.load(SHARED_CIFAR10 / f"{split}.npz") as full:
+                images, labels = full["images"][:n], full["labels"][:n]
+        else:
+            images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+            labels = rng.integers(0, 10, n, dtype=np.uint8)
+        np.savez(folder / f"{split}.npz", images=images, labels=labels)
+    return folder
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed ``cifar-lightning`` entry point; fail with its output if it fails."""
+    result = subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def quick_fit_args(data_dir: Path, *extra: str) -> list[str]:
+    """`fit` with the default config on a slice: one short epoch, no progress bar."""
+    return ["fit", "--config", str(CONFIG), "--data.data_dir", str(data_dir), "--data.batch_size", "64",
+            "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", *extra]
+
+
+def scalars(log_dir: Path) -> dict[str, list[float]]:
+    """All scalar series of the TensorBoard event files in ``log_dir``, by tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

@@ -1,0 +1,50 @@
+"""Training through the `cifar-lightning` entry point, single process and DDP on CPU."""
+
+import pytest
+import torch
+import lightning as L
+
+from cifar_lightning.data import CIFAR10DataModule
+from cifar_lightning.module import ClassifierModule, NonFiniteLossError
+from tests.helpers import quick_fit_args, run_cli, scalars
+
+
+def test_one_epoch_fit_writes_checkpoints_and_scalars(cifar_slice, tmp_path):
+    run_cli(*quick_fit_args(cifar_slice), cwd=tmp_path)
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    logged = scalars(run)
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr-AdamW"):
+        assert len(logged[tag]) == 1, tag
+    assert 0 <= logged["val/acc"][0] <= 1
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
+    assert checkpoint["hyper_parameters"]["network"]["class_path"] == "cifar_lightning.models.ImprovedCNN"
+    assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 576 // 64
+
+
+def test_a_second_run_gets_its_own_version_folder(cifar_slice, tmp_path):
+    for _ in range(2):
+        run_cli(*quick_fit_args(cifar_slice, "--trainer.limit_train_batches", "1"), cwd=tmp_path)
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+
+
+def test_ddp_on_two_cpu_processes_syncs_validation_metrics(cifar_slice, tmp_path):
+    run_cli(*quick_fit_args(cifar_slice, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                            "--trainer.strategy", "ddp"), cwd=tmp_path)
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert not (tmp_path / "lightning_logs" / "version_1").exists()  # rank 1 writes no run of its own
+    ddp_val_acc = scalars(run)["val/acc"][0]
+
+    # The same checkpoint validated in one process over all 64 validation images.
+    module = ClassifierModule.load_from_checkpoint(run / "checkpoints" / "best.ckpt", weights_only=True)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    [single] = trainer.validate(module, CIFAR10DataModule(data_dir=str(cifar_slice), batch_size=64))
+    assert ddp_val_acc == pytest.approx(single["val/acc"], abs=1e-6)
+
+
+def test_non_finite_loss_stops_training_with_a_clear_error():
+    module = ClassifierModule()
+    module.trainer = None
+    images = torch.full((4, 3, 32, 32), float("nan"))
+    with pytest.raises(NonFiniteLossError, match="training loss is nan"):
+        module.training_step((images, torch.zeros(4, dtype=torch.long)), 0)
