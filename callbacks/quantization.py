@@ -1,0 +1,82 @@
+"""QuantizationEvaluation: int8 copies of the tested model, attacked by transfer, defended again."""
+
+import copy
+
+import lightning as L
+
+from callbacks.robustness import RobustnessEvaluation
+from cifar_lightning.data import load_cifar10
+from cifar_lightning.evaluation import RobustnessMetrics, predict, scalar_tags
+from cifar_lightning.quantization import cpu_latency, quantize_dynamic_linear, quantize_static, state_dict_megabytes
+
+
+class QuantizationEvaluation(L.Callback):
+    """During ``trainer.test``: evaluate int8 copies of the model on the CPU (their kernels are CPU
+    only) on the very images ``RobustnessEvaluation`` made for the FP32 model — clean, FGSM
+    (a transfer attack: int8 models have no gradients) and each defense — and add a summary row per
+    model (size, accuracy, recovery, latency) to its report. Scalars go to ``test/<model>/…``.
+
+    Models: ``int8_dynamic`` (Linear layers → qint8 weights, dynamic activations; the seed's) and,
+    with ``static``, ``int8_static`` (every layer int8, x86 backend, calibrated on training images).
+
+    Args:
+        static: also build and evaluate the static int8 model.
+        calibration_images: training images that calibrate the static model's activation ranges.
+        latency_batch_size: batch of the CPU latency measurement (same for every model).
+    """
+
+    def __init__(self, static: bool = True, calibration_images: int = 512, latency_batch_size: int = 128) -> None:
+        for name, value in (("calibration_images", calibration_images), ("latency_batch_size", latency_batch_size)):
+            if value < 1:
+                raise ValueError(f"QuantizationEvaluation: {name}={value} must be >= 1")
+        self.static, self.calibration_images, self.latency_batch_size = static, calibration_images, latency_batch_size
+
+    def _robustness(self, trainer: L.Trainer) -> RobustnessEvaluation:
+        callbacks = trainer.callbacks
+        found = [i for i, c in enumerate(callbacks) if isinstance(c, RobustnessEvaluation)]
+        if not found or found[0] > callbacks.index(self):
+            raise RuntimeError("QuantizationEvaluation reuses the images of RobustnessEvaluation: list "
+                               "callbacks.robustness.RobustnessEvaluation before it in trainer.callbacks")
+        return callbacks[found[0]]
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.robustness = self._robustness(trainer)
+        fp32 = copy.deepcopy(pl_module.net).cpu().eval()
+        with self.robustness.suite.timer("quantization"):
+            self.models = {"int8_dynamic": quantize_dynamic_linear(fp32)}
+            if self.static:
+                images, _ = load_cifar10(trainer.datamodule.hparams.data_dir, train=True)
+                self.models["int8_static"] = quantize_static(fp32, images[: self.calibration_images].float() / 255)
+        # Every input kind but the ε sweep, which stays an FP32 study.
+        self.input_names = [n for n in self.robustness.suite.input_names if not n.startswith("fgsm_eps")]
+        self.metrics = {name: RobustnessMetrics(self.input_names, pl_module.device) for name in self.models}
+        report = self.robustness.report
+        for name, model in {"fp32": fp32, **self.models}.items():
+            with self.robustness.suite.timer("cpu latency runs"):
+                latency = cpu_latency(model, batch_size=self.latency_batch_size)
+            report.add_model_info(
+                name, size_mb=state_dict_megabytes(model), cpu_ms_per_batch=latency["ms_per_batch"],
+                cpu_images_per_s=latency["images_per_s"], cpu_threads=latency["threads"],
+                eval_device=str(pl_module.device) if name == "fp32" else "cpu",
+            )
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        labels = batch[1]
+        inputs = {name: self.robustness.inputs[name].cpu() for name in self.input_names}
+        reference = self.robustness.probabilities["clean"].argmax(dim=1)
+        for name, model in self.models.items():
+            with self.robustness.suite.timer(f"{name} model passes"):
+                probabilities = predict(model, inputs)
+            self.metrics[name].update({k: p.to(labels.device) for k, p in probabilities.items()}, labels, reference)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        describe = self.robustness.suite.describe
+        for name, metrics in self.metrics.items():
+            results = metrics.compute()
+            trainer.logger.log_metrics({f"test/{name}/{k}": v for k, v in scalar_tags(results).items()},
+                                       step=trainer.global_step)
+            self.robustness.report.add(name, results, describe)
+        for sample in self.robustness.samples.values():  # the figures show every model's predictions
+            batch = {kind: image[None] for kind, image in sample["images"].items()}
+            for name, model in self.models.items():
+                sample["probabilities"][name] = {k: p[0] for k, p in predict(model, batch).items()}

@@ -1,0 +1,168 @@
+"""Input-transformation defenses: denoise or re-encode an image before the model sees it.
+
+Each defense works as its reference library does, on uint8 HWC images, one image at a time; the
+float [0, 1] ↔ uint8 conversion is ``data.to_uint8_hwc`` / ``data.from_uint8_hwc``. Because the
+models take pixel-space input, this is the seed's denormalise → process → renormalise.
+
+Limits, for all four: they are fixed preprocessing steps
+that help only against an attacker who does not know they are there. An adaptive attacker (BPDA,
+Athalye et al. 2018, see ``attacks.BPDA``) routes gradients around them and largely undoes them.
+They also cost clean accuracy, which the evaluation reports as ``clean/<defense>/acc``.
+"""
+
+import abc
+import io
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+from PIL import Image
+from skimage.restoration import denoise_tv_chambolle
+from torch import Tensor
+
+from cifar_lightning.data import from_uint8_hwc, to_uint8_hwc
+
+
+class Defense(abc.ABC):
+    """A per-image transformation of uint8 (H, W, 3) images, applied to batches.
+
+    Subclasses set their parameters, validate them in ``_check_params`` (raising ``ValueError``
+    that names the field) and implement ``process`` for one image. ``__call__`` takes float
+    [0, 1] batches (N, 3, H, W) on any device and returns the same shape on that device.
+    Images are processed by a thread pool: OpenCV, Pillow and scikit-image's numpy work release
+    the GIL, so the pool uses every core without the cost of processes.
+    """
+
+    workers = os.cpu_count() or 1
+
+    def __init__(self) -> None:
+        self._check_params()
+
+    @abc.abstractmethod
+    def _check_params(self) -> None: ...
+
+    @abc.abstractmethod
+    def process(self, image: np.ndarray) -> np.ndarray:
+        """One uint8 (H, W, 3) RGB image → the defended uint8 (H, W, 3) image."""
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """Short name with the parameter, as used in TensorBoard tags, e.g. ``jpeg_q30``."""
+
+    def process_batch(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) → uint8 (N, H, W, 3), images spread over ``workers`` threads."""
+        chunks = np.array_split(images, min(self.workers, len(images)) or 1)
+        with ThreadPoolExecutor(len(chunks)) as pool:
+            parts = list(pool.map(lambda chunk: np.stack([self.process(i) for i in chunk]), chunks))
+        return np.concatenate(parts)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return from_uint8_hwc(self.process_batch(to_uint8_hwc(images))).to(images.device)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+
+def _check_kernel(owner: str, kernel_size: int) -> None:
+    if not isinstance(kernel_size, int) or kernel_size < 3 or kernel_size % 2 == 0:
+        raise ValueError(f"{owner}: kernel_size={kernel_size!r} must be an odd integer >= 3, e.g. 3 or 5")
+
+
+class GaussianBlur(Defense):
+    """Gaussian smoothing, ``cv2.GaussianBlur`` with σ derived from the kernel size.
+
+    Removes high-frequency perturbations and, with them, fine image detail.
+    """
+
+    def __init__(self, kernel_size: int = 3) -> None:
+        self.kernel_size = kernel_size
+        super().__init__()
+
+    def _check_params(self) -> None:
+        _check_kernel("GaussianBlur", self.kernel_size)
+
+    @property
+    def name(self) -> str:
+        return f"gaussian_k{self.kernel_size}"
+
+    def process(self, image: np.ndarray) -> np.ndarray:
+        return cv2.GaussianBlur(image, (self.kernel_size, self.kernel_size), 0)
+
+
+class JpegCompression(Defense):
+    """JPEG encode and decode with Pillow (Dziugaite et al. 2016; Das et al. 2017).
+
+    Quantises away small DCT coefficients, where much of an L∞ perturbation lives; at 32×32 the
+    8×8 blocks are a quarter of the image wide, so low qualities visibly damage it.
+    """
+
+    def __init__(self, quality: int = 30) -> None:
+        self.quality = quality
+        super().__init__()
+
+    def _check_params(self) -> None:
+        if not isinstance(self.quality, int) or not 1 <= self.quality <= 95:
+            raise ValueError(f"JpegCompression: quality={self.quality!r} must be an integer in 1..95, e.g. 30")
+
+    @property
+    def name(self) -> str:
+        return f"jpeg_q{self.quality}"
+
+    def process(self, image: np.ndarray) -> np.ndarray:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=self.quality)
+        return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+class MedianFilter(Defense):
+    """Median filter, ``cv2.medianBlur`` (the "local smoothing" squeezer of Xu et al. 2018).
+
+    Good against sparse, salt-and-pepper-like changes; FGSM changes every pixel, so less so.
+    """
+
+    def __init__(self, kernel_size: int = 3) -> None:
+        self.kernel_size = kernel_size
+        super().__init__()
+
+    def _check_params(self) -> None:
+        _check_kernel("MedianFilter", self.kernel_size)
+
+    @property
+    def name(self) -> str:
+        return f"median_k{self.kernel_size}"
+
+    def process(self, image: np.ndarray) -> np.ndarray:
+        return cv2.medianBlur(image, self.kernel_size)
+
+
+class TotalVariationDenoise(Defense):
+    """Total-variation denoising, ``skimage.restoration.denoise_tv_chambolle`` per image with the
+    colour channels as one vector (Guo et al. 2018 used TV minimisation as a defense).
+
+    The result is rounded to the nearest grey level. Larger weights flatten more texture.
+    """
+
+    def __init__(self, weight: float = 0.1) -> None:
+        self.weight = weight
+        super().__init__()
+
+    def _check_params(self) -> None:
+        if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight) or self.weight <= 0:
+            raise ValueError(f"TotalVariationDenoise: weight={self.weight!r} must be a finite number > 0, e.g. 0.1")
+
+    @property
+    def name(self) -> str:
+        return f"tv_w{self.weight:g}"
+
+    def process(self, image: np.ndarray) -> np.ndarray:
+        denoised = denoise_tv_chambolle(image, weight=self.weight, channel_axis=-1)
+        return np.clip(denoised * 255, 0, 255).round().astype(np.uint8)
+
+
+def default_defenses() -> list[Defense]:
+    """The seed's four: Gaussian blur k=3, JPEG q=30, median filter k=3, TV denoise weight 0.1."""
+    return [GaussianBlur(3), JpegCompression(30), MedianFilter(3), TotalVariationDenoise(0.1)]
