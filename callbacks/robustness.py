@@ -141,6 +141,7 @@ class RobustnessEvaluation(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Write what every evaluation callback added; rank 0 only."""
+        log_dir = Path(trainer.log_dir)  # a broadcast under DDP: every rank must ask for it
         if not trainer.is_global_zero:
             return
         figures = self.figures()
@@ -149,6 +150,6 @@ class RobustnessEvaluation(L.Callback):
             experiment.add_figure(f"test/{name}", figure, global_step=trainer.global_step, close=False)
         self.report.stage_seconds = dict(self.suite.timer.seconds)
         experiment.add_text("test/results", self.report.markdown(), global_step=trainer.global_step)
-        self.report.write(Path(trainer.log_dir), figures)
-        print(f"\nRobustness results in {trainer.log_dir}/results.md\n\n"
+        self.report.write(log_dir, figures)
+        print(f"\nRobustness results in {log_dir / 'results.md'}\n\n"
               + self.report.summary_frame().to_string(index=False, float_format="{:.4f}".format))

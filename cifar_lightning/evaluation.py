@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from torchmetrics import Metric
+from torchmetrics import Metric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_lightning.attacks import BPDA, fgsm, pgd, run_attack
@@ -148,6 +148,7 @@ class RobustnessMetrics:
         self.success = {n: AttackSuccessRate().to(device) for n in input_names if is_attack(n)}
         self.per_class = {n: MulticlassAccuracy(num_classes, average=None).to(device) for n in ("clean", "fgsm")}
         self.agreement = MulticlassAccuracy(num_classes, average="micro").to(device)
+        self.images = SumMetric().to(device)
 
     def update(self, probabilities: dict[str, Tensor], target: Tensor, reference: Tensor | None = None) -> None:
         """``reference``: another model's clean predictions, to count how often the two agree."""
@@ -160,15 +161,17 @@ class RobustnessMetrics:
             metric.update(preds[name], target)
         if reference is not None:
             self.agreement.update(preds["clean"], reference)
+        self.images.update(len(target))
 
     def compute(self) -> dict:
         """Synced over ranks: ``{"acc": {input: …}, "attack_success": {input: …},
-        "acc_class": {input: {class: …}}, "agreement": float | None}``."""
+        "acc_class": {input: {class: …}}, "agreement": float | None, "images": int}``."""
         return {
             "acc": {name: m.compute().item() for name, m in self.accuracy.items()},
             "attack_success": {name: m.compute().item() for name, m in self.success.items()},
             "acc_class": {name: dict(zip(CLASSES, m.compute().tolist())) for name, m in self.per_class.items()},
             "agreement": self.agreement.compute().item() if self.agreement.update_called else None,
+            "images": int(self.images.compute().item()),
         }
 
 
@@ -179,4 +182,5 @@ def scalar_tags(results: dict) -> dict[str, float]:
     tags |= {f"{name}/acc_class/{c}": v for name, per in results["acc_class"].items() for c, v in per.items()}
     if results["agreement"] is not None:
         tags["clean/agreement"] = results["agreement"]
+    tags["images"] = results["images"]
     return tags

@@ -52,7 +52,7 @@ class Report:
         for name, per_class in results["acc_class"].items():
             self.per_class[f"{model} {name}"] = per_class
         row = self.summary.setdefault(model, {})
-        row |= {"clean_acc": accuracy["clean"], "fgsm_acc": accuracy["fgsm"], "fgsm_success": success["fgsm"]}
+        row |= {"test_images": results["images"], "clean_acc": accuracy["clean"], "fgsm_acc": accuracy["fgsm"], "fgsm_success": success["fgsm"]}
         if results["agreement"] is not None:
             row["agreement_with_fp32"] = results["agreement"]
         for name, value in accuracy.items():

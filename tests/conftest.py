@@ -1,9 +1,29 @@
+from pathlib import Path
+
 import pytest
 
-from tests.helpers import write_slice
+from tests.helpers import CONFIG, quick_fit_args, run_cli, write_slice
 
 
 @pytest.fixture(scope="session")
-def cifar_slice(tmp_path_factory):
+def cifar_slice(tmp_path_factory) -> Path:
     """A data folder of 640 train (576/64 train/val) and 256 test images."""
     return write_slice(tmp_path_factory.mktemp("cifar_slice"), n_train=640, n_test=256)
+
+
+@pytest.fixture(scope="session")
+def fitted_run(cifar_slice, tmp_path_factory) -> Path:
+    """The run folder of a 1-epoch `cifar-lightning fit` on the slice (9 steps of 64 images)."""
+    workdir = tmp_path_factory.mktemp("fit")
+    run_cli(*quick_fit_args(cifar_slice), cwd=workdir)
+    return workdir / "lightning_logs" / "version_0"
+
+
+@pytest.fixture(scope="session")
+def tested_run(cifar_slice, fitted_run, tmp_path_factory) -> Path:
+    """The run folder of `cifar-lightning test` (all default callbacks) on the fitted checkpoint."""
+    workdir = tmp_path_factory.mktemp("test")
+    run_cli("test", "--config", str(CONFIG), "--data.data_dir", str(cifar_slice), "--data.batch_size", "128",
+            "--ckpt_path", str(fitted_run / "checkpoints" / "best.ckpt"), "--trainer.enable_progress_bar", "false",
+            cwd=workdir)
+    return workdir / "lightning_logs" / "version_0"

@@ -42,7 +42,7 @@ def test_metrics_on_known_predictions():
     results = metrics.compute()
     assert results["acc"] == {"clean": 0.75, "fgsm": 0.25, "fgsm/jpeg_q30": 0.75, "clean/jpeg_q30": 1.0}
     assert results["attack_success"] == {"fgsm": pytest.approx(2 / 3), "fgsm/jpeg_q30": pytest.approx(1 / 3)}
-    assert results["agreement"] == 0.5
+    assert results["agreement"] == 0.5 and results["images"] == 4
     assert results["acc_class"]["clean"]["airplane"] == 1.0 and results["acc_class"]["clean"]["cat"] == 0.0
     tags = scalar_tags(results)
     assert tags["fgsm/jpeg_q30/acc"] == 0.75 and tags["clean/acc_class/cat"] == 0.0

@@ -9,9 +9,8 @@ from cifar_lightning.module import ClassifierModule, NonFiniteLossError
 from tests.helpers import quick_fit_args, run_cli, scalars
 
 
-def test_one_epoch_fit_writes_checkpoints_and_scalars(cifar_slice, tmp_path):
-    run_cli(*quick_fit_args(cifar_slice), cwd=tmp_path)
-    run = tmp_path / "lightning_logs" / "version_0"
+def test_one_epoch_fit_writes_checkpoints_and_scalars(fitted_run):
+    run = fitted_run
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
     logged = scalars(run)
     for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr-AdamW"):
