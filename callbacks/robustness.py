@@ -150,6 +150,8 @@ class RobustnessEvaluation(L.Callback):
             experiment.add_figure(f"test/{name}", figure, global_step=trainer.global_step, close=False)
         self.report.stage_seconds = dict(self.suite.timer.seconds)
         experiment.add_text("test/results", self.report.markdown(), global_step=trainer.global_step)
+        # The summary as hparams metrics, so that runs compare side by side in the HPARAMS tab.
+        trainer.logger.log_hyperparams(pl_module.hparams, self.report.hparams_metrics())
         self.report.write(log_dir, figures)
         print(f"\nRobustness results in {log_dir / 'results.md'}\n\n"
               + self.report.summary_frame().to_string(index=False, float_format="{:.4f}".format))

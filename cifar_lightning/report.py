@@ -64,6 +64,11 @@ class Report:
         """Size, latency, device… for the summary row of ``model``."""
         self.summary.setdefault(model, {}).update(info)
 
+    def hparams_metrics(self) -> dict[str, float]:
+        """The numeric summary columns as ``summary/<model>/<column>``."""
+        return {f"summary/{model}/{column}": float(value) for model, row in self.summary.items()
+                for column, value in row.items() if isinstance(value, (int, float))}
+
     def details(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows)
 

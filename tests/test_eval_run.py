@@ -19,6 +19,7 @@ def test_test_run_logs_every_tag_once(tested_run):
         assert logged[f"test/{model}/images"] == [256]
     assert "test/fp32/fgsm_eps0.0627/tv_w0.1/acc" in logged  # the ε sweep, with defenses
     assert "test/fp32/clean/acc_class/ship" in logged
+    assert logged["summary/int8_dynamic/size_mb"] == [pytest.approx(6.72, abs=0.05)]  # HPARAMS tab metrics
     assert logged["test/fp32/clean/acc"] == pytest.approx(logged["test/acc"])  # callback == LightningModule
 
 
