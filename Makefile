@@ -1,4 +1,5 @@
-# The two entry points of the README: `make run` (train, then test) and `make test`.
+# The README's entry points: `make run` (train, then test), `make test`, and `make evaluate`
+# (test the shipped reference weights, no training).
 PYTHON ?= python3
 VENV ?= .venv
 # The CIFAR-10 copy beside the checkout when there is one, else ./data (downloaded by torchvision).
@@ -6,7 +7,7 @@ DATA_DIR ?= $(if $(wildcard ../shared/cifar10/train.npz),../shared/cifar10,data)
 CONFIG ?= configs/default.yaml
 ARGS ?=
 
-.PHONY: run test
+.PHONY: run test evaluate
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +18,10 @@ run: $(VENV)/.installed
 	$(VENV)/bin/cifar-lightning fit --config $(CONFIG) --data.data_dir $(DATA_DIR) --data.download true $(ARGS)
 	$(VENV)/bin/cifar-lightning test --config $(CONFIG) --data.data_dir $(DATA_DIR) \
 		--ckpt_path "$$(ls -td lightning_logs/version_*/ | head -n 1)checkpoints/best.ckpt" $(ARGS)
+
+evaluate: $(VENV)/.installed
+	$(VENV)/bin/cifar-lightning test --config $(CONFIG) --data.data_dir $(DATA_DIR) --data.download true \
+		--ckpt_path weights/improvedcnn_cifar10.ckpt $(ARGS)
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest

@@ -123,7 +123,8 @@ def prediction_figure(images: dict[str, Tensor], predictions: dict[str, dict[str
     for row, (model, probabilities) in enumerate(predictions.items()):
         for column, (kind, image) in enumerate(images.items()):
             caption, predicted = _caption(probabilities[kind])
-            _show(axes[row, column], image, f"{kind}\n{model}: {caption}", predicted == label)
+            _show(axes[row, column], image, f"{kind}\n{caption}" if row == 0 else caption, predicted == label)
+        axes[row, 0].set_ylabel(model, fontsize=8)
     figure.suptitle(f"{title} (true class: {CLASSES[label]})", fontsize=10)
     return figure
 

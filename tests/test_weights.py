@@ -1,0 +1,27 @@
+"""The shipped reference weights: safe to load, and the trained model they claim to be."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_lightning.data import load_cifar10
+from cifar_lightning.module import ClassifierModule
+from tests.helpers import SHARED_CIFAR10
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "improvedcnn_cifar10.ckpt"
+
+
+def test_weights_are_a_small_weights_only_checkpoint():
+    checkpoint = torch.load(WEIGHTS, weights_only=True)  # plain tensors and builtins: no code can run
+    assert "optimizer_states" not in checkpoint
+    assert WEIGHTS.stat().st_size / 1e6 == pytest.approx(13.02, abs=0.05)
+
+
+@pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="needs ../shared/cifar10")
+def test_weights_classify_real_test_images():
+    module = ClassifierModule.load_from_checkpoint(WEIGHTS, weights_only=True, map_location="cpu").eval()
+    images, labels = load_cifar10(SHARED_CIFAR10, train=False)
+    with torch.inference_mode():
+        accuracy = (module(images[:500].float() / 255).argmax(1) == labels[:500]).float().mean().item()
+    assert accuracy > 0.8
