@@ -1,10 +1,14 @@
-"""Training throughput, side by side in one process: Lightning `fit` vs a plain PyTorch loop.
+"""Training throughput, side by side in one process: Lightning `fit`, a plain PyTorch loop, and
+the seed notebook's pipeline.
 
-Both train the same network (Normalized ImprovedCNN, channels_last) with the same optimizer,
-batch size, data (CIFAR10DataModule's in-memory uint8 tensors) and batch augmentation, for the same
-number of steps after the same warm-up; the order alternates over repeats to share out drift.
+`lightning` and `plain` train the same network (Normalized ImprovedCNN, channels_last) with the
+same optimizer, batch size, data (CIFAR10DataModule's in-memory uint8 tensors) and batch
+augmentation. `seed` is the notebook's way: a dataset of PIL images, per-image torchvision
+transforms (RandomCrop, RandomHorizontalFlip, ToTensor, Normalize) in a DataLoader, NCHW
+ImprovedCNN. All run the same number of steps after the same warm-up; the order rotates over
+repeats to share out drift.
 
-    python benchmarks/train_throughput.py --data_dir ../shared/cifar10 --steps 30 --repeats 2
+    python benchmarks/train_throughput.py --data_dir ../shared/cifar10 --steps 20 --repeats 3
 """
 
 import argparse
@@ -59,7 +63,50 @@ def plain_loop(datamodule: CIFAR10DataModule, steps: int, warmup: int) -> float:
     return steps * datamodule.hparams.batch_size / (time.perf_counter() - start)
 
 
-PIPELINES = {"lightning": lightning_fit, "plain": plain_loop}
+class _PilImages(torch.utils.data.Dataset):
+    """The notebook's data path: each item a PIL image through per-image transforms."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        from torchvision import transforms
+
+        from cifar_lightning.data import CIFAR10_MEAN, CIFAR10_STD
+
+        self.images, self.labels = images.permute(0, 2, 3, 1).numpy(), labels
+        self.transform = transforms.Compose([
+            transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+            transforms.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+
+
+def seed_pipeline(datamodule: CIFAR10DataModule, steps: int, warmup: int) -> float:
+    from cifar_lightning.models import ImprovedCNN
+
+    images, labels = datamodule.train_set.tensors
+    loader = torch.utils.data.DataLoader(_PilImages(images, labels), batch_size=datamodule.hparams.batch_size,
+                                         shuffle=True, num_workers=2)
+    net = ImprovedCNN().train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.01)
+    batches = iter(loader)
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+        batch_images, batch_labels = next(batches)
+        loss = nn.functional.cross_entropy(net(batch_images), batch_labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * datamodule.hparams.batch_size / (time.perf_counter() - start)
+
+
+PIPELINES = {"lightning": lightning_fit, "plain": plain_loop, "seed": seed_pipeline}
 
 
 def main() -> None:
@@ -68,14 +115,15 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     datamodule = CIFAR10DataModule(data_dir=args.data_dir, batch_size=args.batch_size)
     datamodule.setup("fit")
     rates = {name: [] for name in PIPELINES}
     for repeat in range(args.repeats):
-        order = list(PIPELINES) if repeat % 2 == 0 else list(reversed(PIPELINES))
+        names = list(PIPELINES)
+        order = names[repeat % len(names):] + names[:repeat % len(names)]
         for name in order:
             torch.manual_seed(repeat)
             rates[name].append(PIPELINES[name](datamodule, args.steps, args.warmup))
