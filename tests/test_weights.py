@@ -25,3 +25,14 @@ def test_weights_classify_real_test_images():
     with torch.inference_mode():
         accuracy = (module(images[:500].float() / 255).argmax(1) == labels[:500]).float().mean().item()
     assert accuracy > 0.8
+
+
+@pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="needs ../shared/cifar10")
+def test_dynamic_int8_copy_of_the_trained_model_agrees_with_fp32():
+    from cifar_lightning.quantization import quantize_dynamic_linear
+
+    net = ClassifierModule.load_from_checkpoint(WEIGHTS, weights_only=True, map_location="cpu").net.eval()
+    images = load_cifar10(SHARED_CIFAR10, train=False)[0][:500].float() / 255
+    with torch.inference_mode():
+        agreement = (net(images).argmax(1) == quantize_dynamic_linear(net)(images).argmax(1)).float().mean()
+    assert agreement >= 0.98
