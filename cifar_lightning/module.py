@@ -38,9 +38,9 @@ class ClassifierModule(L.LightningModule):
         network: nn.Module | None = None,
         num_classes: int = 10,
         lr: float = 1e-3,
-        weight_decay: float = 5e-4,
-        label_smoothing: float = 0.0,
-        plateau_factor: float = 0.5,
+        weight_decay: float = 0.01,
+        label_smoothing: float = 0.1,
+        plateau_factor: float = 0.3,
         plateau_patience: int = 2,
     ) -> None:
         super().__init__()
