@@ -148,9 +148,10 @@ class CIFAR10DataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be at least 1")
+            raise ValueError(f"CIFAR10DataModule: batch_size={batch_size} must be at least 1, e.g. 128")
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction={val_fraction} must be in (0, 1), e.g. 0.1 for a 45k/5k split")
+            raise ValueError(f"CIFAR10DataModule: val_fraction={val_fraction} must be in (0, 1), e.g. 0.1 for a "
+                             f"45k/5k split")
         self.save_hyperparameters()
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None

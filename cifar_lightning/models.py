@@ -29,7 +29,7 @@ class ImprovedCNN(nn.Module):
     def __init__(self, num_classes: int = 10, dropout: float = 0.5) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout={dropout} must be in [0, 1)")
+            raise ValueError(f"ImprovedCNN: dropout={dropout} must be in [0, 1), e.g. 0.5")
         self.features = nn.Sequential(_conv_block(3, 64), _conv_block(64, 128), _conv_block(128, 256))
         self.classifier = nn.Sequential(
             nn.Flatten(),

@@ -44,12 +44,15 @@ class ClassifierModule(L.LightningModule):
         plateau_patience: int = 2,
     ) -> None:
         super().__init__()
-        if lr <= 0:
-            raise ValueError(f"lr={lr} must be > 0")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
-        if not 0.0 < plateau_factor < 1.0:
-            raise ValueError(f"plateau_factor={plateau_factor} must be in (0, 1)")
+        for name, value, valid, rule in [
+            ("lr", lr, lr > 0, "> 0, e.g. 1e-3"),
+            ("weight_decay", weight_decay, weight_decay >= 0, ">= 0, e.g. 0.01"),
+            ("label_smoothing", label_smoothing, 0.0 <= label_smoothing < 1.0, "in [0, 1), e.g. 0.1"),
+            ("plateau_factor", plateau_factor, 0.0 < plateau_factor < 1.0, "in (0, 1), e.g. 0.3"),
+            ("plateau_patience", plateau_patience, plateau_patience >= 0, ">= 0 epochs, e.g. 2"),
+        ]:
+            if not valid:
+                raise ValueError(f"ClassifierModule: {name}={value} must be {rule}")
         self.save_hyperparameters()  # before `network` is filled in: it reads the arguments as given
         network = network if network is not None else ImprovedCNN(num_classes)
         self.net = Normalized(network, CIFAR10_MEAN, CIFAR10_STD).to(memory_format=torch.channels_last)
@@ -85,6 +88,14 @@ class ClassifierModule(L.LightningModule):
                 f"Fix: lower --model.lr (now {self.hparams.lr}) or check the input data."
             )
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # Lightning does not step epoch-interval schedulers at the end of the epoch a resumed run restarts
+        # in, as the metrics may be missing. When that epoch did validate, step ReduceLROnPlateau here, so
+        # a run resumed mid-epoch follows the schedule of one never interrupted.
+        val_loss = self.trainer.callback_metrics.get("val/loss")
+        if self.trainer.fit_loop.restarting and val_loss is not None:
+            self.lr_schedulers().step(val_loss)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")

@@ -34,9 +34,27 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     return result
 
 
-def quick_fit_args(data_dir: Path, *extra: str) -> list[str]:
-    """`fit` with the default config on a slice: one short epoch, no progress bar."""
-    return ["fit", "--config", str(CONFIG), "--data.data_dir", str(data_dir), "--data.batch_size", "64",
+def write_config(folder: Path, edit) -> Path:
+    """The default config changed by ``edit(config dict)``, saved as ``folder/config.yaml``."""
+    import yaml
+
+    config = yaml.safe_load(CONFIG.read_text())
+    edit(config)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def callback_args(config: dict, class_name: str, **has) -> dict:
+    """The init_args of the config's callback of that class (and with those init_args), to read or change."""
+    [found] = [c["init_args"] for c in config["trainer"]["callbacks"]
+               if c["class_path"].endswith(f".{class_name}") and has.items() <= c["init_args"].items()]
+    return found
+
+
+def quick_fit_args(data_dir: Path, *extra: str, config: Path = CONFIG) -> list[str]:
+    """`fit` with the default config (or ``config``) on a slice: one short epoch, no progress bar."""
+    return ["fit", "--config", str(config), "--data.data_dir", str(data_dir), "--data.batch_size", "64",
             "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false", *extra]
 
 

@@ -2,7 +2,7 @@
 
 import yaml
 
-from tests.helpers import CONFIG, quick_fit_args, run_cli
+from tests.helpers import CONFIG, callback_args, quick_fit_args, run_cli
 
 
 def _printed_config(tmp_path, *args):
@@ -13,10 +13,13 @@ def test_default_config_holds_the_seed_recipe(tmp_path):
     config = _printed_config(tmp_path)
     assert config["trainer"]["max_epochs"] == 25
     assert config["model"]["network"]["class_path"] == "cifar_lightning.models.ImprovedCNN"
-    callbacks = {c["class_path"].rsplit(".", 1)[1]: c["init_args"] for c in config["trainer"]["callbacks"]}
-    assert callbacks["EarlyStopping"]["monitor"] == "val/loss"
-    assert callbacks["ModelCheckpoint"]["monitor"] == "val/acc" and callbacks["ModelCheckpoint"]["save_last"]
-    assert "LearningRateMonitor" in callbacks
+    assert callback_args(config, "EarlyStopping")["monitor"] == "val/loss"
+    best = callback_args(config, "ModelCheckpoint", monitor="val/acc")
+    assert best["filename"] == "best" and best["mode"] == "max" and best["save_last"]
+    assert callback_args(config, "ModelCheckpoint", save_top_k=0)["every_n_train_steps"] > 0  # last.ckpt mid-epoch
+    assert callback_args(config, "LearningRateMonitor")
+    assert callback_args(config, "RobustnessEvaluation")["eps"] == 0.03
+    assert callback_args(config, "QuantizationEvaluation")
     assert config["data"]["val_fraction"] == 0.1
 
 

@@ -123,6 +123,20 @@ def test_missing_folder_without_download_names_the_folder(tmp_path):
         load_cifar10(tmp_path / "nope", train=True)
 
 
+def test_a_failed_download_names_the_folder_and_the_fix(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision.datasets.cifar
+
+    def no_internet(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_internet)
+    with pytest.raises(CIFAR10DataError, match=f"could not download CIFAR-10 into {tmp_path / 'new'}") as error:
+        load_cifar10(tmp_path / "new", train=True, download=True)
+    assert "../shared/cifar10" in str(error.value)
+
+
 def test_empty_folder_without_download_points_to_the_fix(tmp_path):
     with pytest.raises(CIFAR10DataError, match="--data.download true"):
         load_cifar10(tmp_path, train=False)
