@@ -80,16 +80,17 @@ class RobustnessEvaluation(L.Callback):
         self._keep_samples(self._indices[start:start + len(labels)], labels)
 
     def _keep_samples(self, indices: list[int], labels: Tensor) -> None:
-        """Keep the figure candidates: the requested index, or per class the first image the
-        model gets right and FGSM flips (shards are in index order, so the first seen is first)."""
+        """Keep the figure candidates: per class the first image the model gets right and FGSM flips,
+        the requested index, and the first image of the requested class (the figure's fallback when
+        none of that class is flipped). Shards are in index order, so the first seen is the first."""
         preds = {kind: self.probabilities[kind].argmax(1) for kind in ("clean", "fgsm")}
         flipped = (preds["clean"] == labels) & (preds["fgsm"] != labels)
-        classes_kept = {s["label"] for s in self.samples.values() if s["flipped"]}
         for position, index in enumerate(indices):
-            label, first_flipped = int(labels[position]), bool(flipped[position])
-            first_flipped = first_flipped and label not in classes_kept
-            if first_flipped or index == self.sample:
-                classes_kept |= {label} if first_flipped else set()
+            label = int(labels[position])
+            kept = [s for s in self.samples.values() if s["label"] == label]
+            first_flipped = bool(flipped[position]) and not any(s["flipped"] for s in kept)
+            first_of_class = CLASSES[label] == self.sample and not kept
+            if first_flipped or first_of_class or index == self.sample:
                 self.samples[index] = {
                     "label": label,
                     "flipped": bool(flipped[position]),
@@ -118,18 +119,22 @@ class RobustnessEvaluation(L.Callback):
         return eps, curves
 
     def main_sample(self) -> dict | None:
-        """The sample of the seed's figure: the requested index or the first of the requested class."""
-        for index, sample in self.samples.items():
-            if index == self.sample or (sample["flipped"] and CLASSES[sample["label"]] == self.sample):
-                return sample | {"index": index}
-        return None
+        """The image of the seed's figure: the requested index, or the first image of the requested
+        class that the model gets right and FGSM flips, else the first image of that class."""
+        candidates = [(not s["flipped"], index, s) for index, s in self.samples.items()
+                      if index == self.sample or CLASSES[s["label"]] == self.sample]
+        if not candidates:
+            return None
+        _, index, sample = min(candidates, key=lambda candidate: candidate[:2])
+        return sample | {"index": index}
 
     def figures(self) -> dict[str, Figure]:
         figures = {"eps_curve": eps_curve(*self.eps_accuracy, MODEL)}
         sample = self.main_sample()
         if sample is not None:
+            note = "" if sample["flipped"] or isinstance(self.sample, int) else ", none of its class flipped by FGSM"
             figures["sample"] = prediction_figure(sample["images"], sample["probabilities"], sample["label"],
-                                                  f"test image {sample['index']}")
+                                                  f"test image {sample['index']}{note}")
         by_class = {}
         for sample in self.samples.values():
             if sample["flipped"]:

@@ -42,11 +42,11 @@ def test_results_table_matches_the_scalars(tested_run):
 def test_figures_are_written_and_logged(tested_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    for name in ("eps_curve", "samples_grid"):
+    for name in ("sample", "eps_curve", "samples_grid"):
         assert (tested_run / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     events = EventAccumulator(str(tested_run), size_guidance={"images": 0, "tensors": 0})
     events.Reload()
-    assert {"test/eps_curve", "test/samples_grid"} <= set(events.Tags()["images"])
+    assert {"test/sample", "test/eps_curve", "test/samples_grid"} <= set(events.Tags()["images"])
     assert any(tag.startswith("test/results") for tag in events.Tags()["tensors"])
 
 
