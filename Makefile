@@ -1,5 +1,5 @@
-# The README's entry points: `make run` (train, then test), `make test`, and `make evaluate`
-# (test the shipped reference weights, no training).
+# The README's entry points: `make run` (train, then test), `make test`, `make evaluate` (test the
+# shipped reference weights, no training) and `make benchmark`.
 PYTHON ?= python3
 VENV ?= .venv
 # The CIFAR-10 copy beside the checkout when there is one, else ./data (downloaded by torchvision).
@@ -7,7 +7,7 @@ DATA_DIR ?= $(if $(wildcard ../shared/cifar10/train.npz),../shared/cifar10,data)
 CONFIG ?= configs/default.yaml
 ARGS ?=
 
-.PHONY: run test evaluate
+.PHONY: run test evaluate benchmark
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,7 @@ evaluate: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest
+
+benchmark: $(VENV)/.installed
+	$(VENV)/bin/python benchmarks/train_throughput.py --data_dir $(DATA_DIR) --steps 20 --repeats 3
+	$(VENV)/bin/python benchmarks/evaluation_stages.py --data_dir $(DATA_DIR) --images 1000

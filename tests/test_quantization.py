@@ -154,3 +154,52 @@ def test_cpu_latency_reports_and_restores_the_thread_count():
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="eval mode"):
         cpu_latency(nn.Flatten())
+
+
+
+class _Recording(nn.Module):
+    """A model that keeps every batch it is given."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.batches = model, []
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.batches.append(images)
+        return self.model(images)
+
+
+@pytest.mark.parametrize("accelerator", [
+    "cpu", pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_the_callback_gives_its_cpu_int8_copy_the_very_images_of_the_fp32_evaluation(cifar_slice, tmp_path,
+                                                                                     accelerator):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from callbacks.quantization import QuantizationEvaluation
+    from callbacks.robustness import RobustnessEvaluation
+    from cifar_lightning.data import CIFAR10DataModule
+    from cifar_lightning.module import ClassifierModule
+
+    robustness, quantization = RobustnessEvaluation(eps_sweep=[]), QuantizationEvaluation(static=False)
+    checked = []
+
+    class CompareWithFP32Inputs(L.Callback):  # runs after QuantizationEvaluation's hooks
+        def on_test_start(self, trainer, pl_module):
+            quantization.models["int8_dynamic"] = _Recording(quantization.models["int8_dynamic"])
+
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+            int8 = quantization.models["int8_dynamic"]
+            assert all(p.device.type == "cpu" for p in int8.parameters())
+            assert len(int8.batches) == len(quantization.input_names)
+            for name, images in zip(quantization.input_names, int8.batches):
+                assert images.device.type == "cpu"
+                assert torch.equal(images, robustness.inputs[name].cpu()), name  # not attacked or defended anew
+            checked.append(quantization.input_names)
+            int8.batches.clear()
+
+    trainer = L.Trainer(accelerator=accelerator, devices=1, logger=TensorBoardLogger(tmp_path),
+                        enable_progress_bar=False, limit_test_batches=2,
+                        callbacks=[robustness, quantization, CompareWithFP32Inputs()])
+    trainer.test(ClassifierModule(), CIFAR10DataModule(data_dir=str(cifar_slice), batch_size=32), verbose=False)
+    assert len(checked) == 2 and {"fgsm", "fgsm/jpeg_q30", "clean/tv_w0.1"} <= set(checked[0])
