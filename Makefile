@@ -27,5 +27,5 @@ test: $(VENV)/.installed
 	$(VENV)/bin/pytest
 
 benchmark: $(VENV)/.installed
-	$(VENV)/bin/python benchmarks/train_throughput.py --data_dir $(DATA_DIR) --steps 20 --repeats 3
+	$(VENV)/bin/python benchmarks/train_throughput.py --data_dir $(DATA_DIR) --steps 30 --repeats 5
 	$(VENV)/bin/python benchmarks/evaluation_stages.py --data_dir $(DATA_DIR) --images 1000

@@ -8,7 +8,7 @@ transforms (RandomCrop, RandomHorizontalFlip, ToTensor, Normalize) in a DataLoad
 ImprovedCNN. All run the same number of steps after the same warm-up; the order rotates over
 repeats to share out drift.
 
-    python benchmarks/train_throughput.py --data_dir ../shared/cifar10 --steps 20 --repeats 3
+    python benchmarks/train_throughput.py --data_dir ../shared/cifar10 --steps 30 --repeats 5
 """
 
 import argparse
@@ -130,10 +130,10 @@ def main() -> None:
     base = statistics.median(rates["plain"])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"{args.steps} steps after {args.warmup} warm-up, {args.repeats} repeats (median)")
-    print(f"{'pipeline':<12}{'images/s':>10}{'vs plain':>10}")
+    print(f"{'pipeline':<12}{'images/s':>10}{'vs plain':>10}   range over repeats")
     for name, values in rates.items():
         median = statistics.median(values)
-        print(f"{name:<12}{median:>10.1f}{median / base:>10.3f}")
+        print(f"{name:<12}{median:>10.1f}{median / base:>10.3f}   {min(values):.1f} to {max(values):.1f}")
 
 
 if __name__ == "__main__":
