@@ -29,7 +29,7 @@ def test_dotted_overrides_reach_the_config(tmp_path):
 
 
 def test_precision_is_32_bit_on_a_cpu_unless_set(cifar_slice, tmp_path):
-    args = quick_fit_args(cifar_slice, "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1")
+    args = quick_fit_args(cifar_slice, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2")
     run_cli(*args, cwd=tmp_path)
     saved = yaml.safe_load((tmp_path / "lightning_logs" / "version_0" / "config.yaml").read_text())
     assert saved["trainer"]["precision"] == "32-true"

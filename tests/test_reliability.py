@@ -71,8 +71,8 @@ def test_a_run_killed_mid_epoch_resumes_where_it_stopped(cifar_slice, tmp_path):
 
 
 def test_last_with_no_run_to_resume_starts_a_new_fit_and_fails_a_test(cifar_slice, tmp_path):
-    result = run_cli(*quick_fit_args(cifar_slice, "--trainer.limit_train_batches", "1",
-                                     "--trainer.limit_val_batches", "1", "--ckpt_path", "last"), cwd=tmp_path)
+    result = run_cli(*quick_fit_args(cifar_slice, "--trainer.limit_train_batches", "2",
+                                     "--trainer.limit_val_batches", "2", "--ckpt_path", "last"), cwd=tmp_path)
     assert "starting a new run" in result.stderr
     test = subprocess.run([*CLI, "test", "--config", str(CONFIG), "--data.data_dir", str(cifar_slice),
                            "--ckpt_path", "last", "--trainer.logger.init_args.save_dir", "elsewhere"],
@@ -218,8 +218,8 @@ def test_two_runs_with_the_same_seed_give_identical_metrics(cifar_slice, fitted_
 
 def test_a_second_test_run_never_overwrites_the_first(cifar_slice, fitted_run, tested_run):
     first = {p.name: p.stat().st_mtime_ns for p in tested_run.iterdir()}
-    run_cli("test", "--config", str(CONFIG), "--data.data_dir", str(cifar_slice), "--data.batch_size", "128",
-            "--ckpt_path", str(fitted_run / "checkpoints" / "best.ckpt"), "--trainer.limit_test_batches", "1",
+    run_cli("test", "--config", str(CONFIG), "--data.data_dir", str(cifar_slice), "--data.batch_size", "32",
+            "--ckpt_path", str(fitted_run / "checkpoints" / "best.ckpt"), "--trainer.limit_test_batches", "2",
             "--trainer.enable_progress_bar", "false", cwd=tested_run.parents[1])
     assert {p.name: p.stat().st_mtime_ns for p in tested_run.iterdir()} == first
     assert (tested_run.parent / "version_1" / "results.md").is_file()

@@ -23,7 +23,7 @@ def test_one_epoch_fit_writes_checkpoints_and_scalars(fitted_run):
 
 def test_a_second_run_gets_its_own_version_folder(cifar_slice, tmp_path):
     for _ in range(2):
-        run_cli(*quick_fit_args(cifar_slice, "--trainer.limit_train_batches", "1"), cwd=tmp_path)
+        run_cli(*quick_fit_args(cifar_slice, "--trainer.limit_train_batches", "2"), cwd=tmp_path)
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
 
 
