@@ -59,6 +59,15 @@ def check_matches(checkpoint: dict, module: nn.Module, path: str | Path) -> None
         )
 
 
+def check_resumable(checkpoint: dict, path: str | Path) -> None:
+    """Raise :class:`CheckpointError` unless ``checkpoint`` holds the training state a fit resumes from."""
+    if not {"optimizer_states", "loops"} <= checkpoint.keys():
+        raise CheckpointError(
+            f"{path} holds weights only, not the optimizer and loop state that fit resumes from. Fix: resume "
+            f"from a run's last.ckpt (--ckpt_path last), or evaluate these weights with cifar-lightning test."
+        )
+
+
 def latest_last_checkpoint(runs_dir: str | Path) -> Path | None:
     """The most recently written ``version_*/checkpoints/last.ckpt`` under ``runs_dir``, if any."""
     candidates = Path(runs_dir).glob(f"version_*/checkpoints/{LAST}")

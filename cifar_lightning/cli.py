@@ -6,7 +6,14 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from cifar_lightning.checkpoints import LAST, CheckpointError, check_matches, latest_last_checkpoint, load_checkpoint
+from cifar_lightning.checkpoints import (
+    LAST,
+    CheckpointError,
+    check_matches,
+    check_resumable,
+    latest_last_checkpoint,
+    load_checkpoint,
+)
 from cifar_lightning.data import CIFAR10DataError, CIFAR10DataModule
 from cifar_lightning.module import ClassifierModule, NonFiniteLossError
 
@@ -32,6 +39,7 @@ class CifarLightningCLI(LightningCLI):
         if config.get("ckpt_path"):
             self._checkpoint = load_checkpoint(config.ckpt_path)
             if subcommand == "fit":
+                check_resumable(self._checkpoint, config.ckpt_path)
                 self._resume_in_place(config.trainer, Path(config.ckpt_path))
 
     def before_instantiate_classes(self) -> None:

@@ -1,10 +1,10 @@
 """Faults and bad input: a killed run resumes, bad values and files are refused clearly, runs repeat."""
 
 import os
-import pathlib
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,14 +159,22 @@ def test_a_checkpoint_of_another_network_is_refused(capsys, cifar_slice, tmp_pat
     assert "--model.network" in line
 
 
+def test_fit_refuses_to_resume_from_weights_only(capsys, cifar_slice):
+    weights = Path(__file__).resolve().parents[1] / "weights" / "improvedcnn_cifar10.ckpt"
+    line = _cli_error(capsys, "fit", "--config", str(CONFIG), "--data.data_dir", str(cifar_slice),
+                      "--ckpt_path", str(weights))
+    assert "improvedcnn_cifar10.ckpt holds weights only, not the optimizer and loop state" in line
+    assert "--ckpt_path last" in line and "cifar-lightning test" in line
+
+
 class _Payload:
     """Unpickling this calls ``Path.touch(marker)``: the kind of code a crafted checkpoint hides."""
 
-    def __init__(self, marker: pathlib.Path) -> None:
+    def __init__(self, marker: Path) -> None:
         self.marker = marker
 
     def __reduce__(self):
-        return pathlib.Path.touch, (self.marker,)
+        return Path.touch, (self.marker,)
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(cifar_slice, tmp_path):
