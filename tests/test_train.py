@@ -27,6 +27,12 @@ def test_a_second_run_gets_its_own_version_folder(cifar_slice, tmp_path):
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
 
 
+def test_a_run_stopped_mid_epoch_by_max_steps_ends_cleanly(cifar_slice, tmp_path):
+    run_cli(*quick_fit_args(cifar_slice, "--trainer.max_steps", "3"), cwd=tmp_path)  # 3 of the epoch's 9 steps
+    checkpoint = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3
+
+
 def test_ddp_on_two_cpu_processes_syncs_validation_metrics(cifar_slice, tmp_path):
     run_cli(*quick_fit_args(cifar_slice, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
                             "--trainer.strategy", "ddp"), cwd=tmp_path)
