@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import lightning as L
-import torch
 import torch.distributed as dist
 from matplotlib.figure import Figure
 from torch import Tensor

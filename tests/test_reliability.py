@@ -1,6 +1,5 @@
 """Faults and bad input: a killed run resumes, bad values and files are refused clearly, runs repeat."""
 
-import os
 import signal
 import subprocess
 import time
@@ -8,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from cifar_lightning.cli import main
 from cifar_lightning.module import ClassifierModule
@@ -62,7 +60,8 @@ def test_a_run_killed_mid_epoch_resumes_where_it_stopped(cifar_slice, tmp_path):
     assert _adamw_steps(final) == {3 * EPOCH_STEPS}  # AdamW moments continued, not restarted
     plateau = final["lr_schedulers"][0]
     # Saved after epoch 2's validation, before its scheduler step: epochs 0 and 1 counted, as in an
-    # uninterrupted run, the resumed epoch 1 included; its state restored (marker), so both were "bad".
+    # uninterrupted run, the resumed epoch 1 included; and its state restored, so epoch 1 did not beat
+    # the marker (one bad epoch).
     assert (plateau["last_epoch"], plateau["best"], plateau["num_bad_epochs"]) == (2, 1e-3, 1)
     early_stopping = _callback_state(final, "EarlyStopping")
     assert early_stopping["best_score"].item() == pytest.approx(1e-3)  # the marker: its state was restored
