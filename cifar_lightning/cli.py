@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from cifar_lightning.checkpoints import (
     LAST,
@@ -24,6 +25,12 @@ class ConfigError(ValueError):
 
 # Errors whose message already says what is wrong and how to fix it: no traceback for these.
 USER_ERRORS = (CIFAR10DataError, CheckpointError, ConfigError, NonFiniteLossError)
+
+
+@rank_zero_only
+def _note(message: str) -> None:
+    """A line for the user on stderr, once, however many processes parse the command."""
+    print(f"cifar-lightning: {message}", file=sys.stderr)
 
 
 class CifarLightningCLI(LightningCLI):
@@ -60,13 +67,12 @@ class CifarLightningCLI(LightningCLI):
         runs_dir = self._runs_dir(trainer)
         found = latest_last_checkpoint(runs_dir)
         if found is not None:
-            print(f"cifar-lightning: --ckpt_path last is {found}", file=sys.stderr)
+            _note(f"--ckpt_path last is {found}")
             return str(found)
         if subcommand != "fit":
             raise CheckpointError(f"--ckpt_path last: no {runs_dir}/version_*/checkpoints/{LAST}. Fix: pass the "
                                   f"path of a checkpoint, e.g. weights/improvedcnn_cifar10.ckpt.")
-        print(f"cifar-lightning: --ckpt_path last: no {runs_dir}/version_*/checkpoints/{LAST} yet; "
-              f"starting a new run", file=sys.stderr)
+        _note(f"--ckpt_path last: no {runs_dir}/version_*/checkpoints/{LAST} yet; starting a new run")
         return None
 
     def _resume_in_place(self, trainer, checkpoint: Path) -> None:
