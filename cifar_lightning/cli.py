@@ -39,15 +39,16 @@ class CifarLightningCLI(LightningCLI):
         ``--ckpt_path last``, refuse an unreadable or unsafe checkpoint, and resume a fit in place."""
         super().parse_arguments(parser, args)
         self._checkpoint = None
-        subcommand = self.config.get("subcommand")
-        config = self.config[subcommand] if subcommand else self.config
-        if config.get("ckpt_path") == "last":
-            config.ckpt_path = self._latest_last_checkpoint(config.trainer, subcommand)
-        if config.get("ckpt_path"):
+        subcommand = self.config.subcommand
+        config = self.config[subcommand]
+        runs_dir = self._runs_dir(config.trainer)
+        if config.ckpt_path == "last":
+            config.ckpt_path = self._latest_last_checkpoint(runs_dir, subcommand)
+        if config.ckpt_path:
             self._checkpoint = load_checkpoint(config.ckpt_path)
             if subcommand == "fit":
                 check_resumable(self._checkpoint, config.ckpt_path)
-                self._resume_in_place(config.trainer, Path(config.ckpt_path))
+                self._resume_in_place(config.trainer, runs_dir, Path(config.ckpt_path))
 
     def before_instantiate_classes(self) -> None:
         trainer = self.config[self.subcommand].trainer
@@ -56,15 +57,16 @@ class CifarLightningCLI(LightningCLI):
             on_cuda = torch.cuda.is_available() and trainer.accelerator in ("auto", "gpu", "cuda")
             trainer.precision = "16-mixed" if on_cuda else "32-true"
 
-    def _runs_dir(self, trainer) -> Path:
+    @staticmethod
+    def _runs_dir(trainer) -> Path:
         """The folder the logger makes ``version_N`` run folders in (``lightning_logs`` by default)."""
         init_args = getattr(trainer.logger, "init_args", None)
         if init_args is not None and init_args.get("save_dir") is not None:
             return Path(init_args.save_dir) / (init_args.get("name") or "")
         return Path(trainer.default_root_dir or ".") / "lightning_logs"
 
-    def _latest_last_checkpoint(self, trainer, subcommand: str) -> str | None:
-        runs_dir = self._runs_dir(trainer)
+    @staticmethod
+    def _latest_last_checkpoint(runs_dir: Path, subcommand: str) -> str | None:
         found = latest_last_checkpoint(runs_dir)
         if found is not None:
             _note(f"--ckpt_path last is {found}")
@@ -75,13 +77,13 @@ class CifarLightningCLI(LightningCLI):
         _note(f"--ckpt_path last: no {runs_dir}/version_*/checkpoints/{LAST} yet; starting a new run")
         return None
 
-    def _resume_in_place(self, trainer, checkpoint: Path) -> None:
+    def _resume_in_place(self, trainer, runs_dir: Path, checkpoint: Path) -> None:
         """Resuming a run of this logger continues in its own ``version_N`` folder, so its
         ModelCheckpoint keeps its best score and its TensorBoard curves continue where they stopped.
         The run's config.yaml is kept; the resumed run's config is saved beside it."""
         run_dir = checkpoint.resolve().parent.parent
         init_args = getattr(trainer.logger, "init_args", None)
-        if init_args is None or "version" not in init_args or run_dir.parent != self._runs_dir(trainer).resolve():
+        if init_args is None or "version" not in init_args or run_dir.parent != runs_dir.resolve():
             return
         init_args.version = run_dir.name
         resumes = 1

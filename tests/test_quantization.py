@@ -3,13 +3,18 @@
 import re
 import warnings
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
-from cifar_lightning.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
+from callbacks.quantization import QuantizationEvaluation
+from callbacks.robustness import RobustnessEvaluation
+from cifar_lightning.data import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, load_cifar10
 from cifar_lightning.models import ImprovedCNN, Normalized
+from cifar_lightning.module import ClassifierModule
 from cifar_lightning.quantization import cpu_latency, quantize_dynamic_linear, quantize_static, state_dict_megabytes
 from tests.helpers import SHARED_CIFAR10
 
@@ -156,7 +161,6 @@ def test_cpu_latency_reports_and_restores_the_thread_count():
         cpu_latency(nn.Flatten())
 
 
-
 class _Recording(nn.Module):
     """A model that keeps every batch it is given."""
 
@@ -173,14 +177,6 @@ class _Recording(nn.Module):
     "cpu", pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))])
 def test_the_callback_gives_its_cpu_int8_copy_the_very_images_of_the_fp32_evaluation(cifar_slice, tmp_path,
                                                                                      accelerator):
-    import lightning as L
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from callbacks.quantization import QuantizationEvaluation
-    from callbacks.robustness import RobustnessEvaluation
-    from cifar_lightning.data import CIFAR10DataModule
-    from cifar_lightning.module import ClassifierModule
-
     robustness, quantization = RobustnessEvaluation(eps_sweep=[]), QuantizationEvaluation(static=False)
     checked = []
 
