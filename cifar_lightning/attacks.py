@@ -1,7 +1,13 @@
-"""Gradient attacks in [0, 1] pixel space, via torchattacks, and BPDA for defended models.
+"""Gradient attacks in [0, 1] pixel space, via torchattacks, and the attacker's view of a defense.
 
-Every model given here takes [0, 1] images (``models.Normalized``), so ε is in pixel units.
+Every model given here takes [0, 1] images (``models.Normalized``), so ε is in pixel units (L∞).
+An attack is a function of (model, images, labels) that returns adversarial images and leaves the
+model exactly as it found it: the mode of every submodule, BatchNorm statistics, weights, the
+weights' ``requires_grad`` and ``.grad``, and the global random stream (:func:`run_attack`).
 """
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torchattacks
@@ -9,65 +15,163 @@ from torch import Tensor, nn
 
 from cifar_lightning.defenses import Defense
 
+#: The AutoAttack members (Croce & Hein 2020) with the paper's budgets, in the paper's order.
+ENSEMBLE_MEMBERS = ("apgd-ce", "apgd-t", "fab-t", "square")
 
-def _check_eps(eps: float) -> None:
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"eps={eps} must be in [0, 1] (pixel scale; 8/255 ≈ 0.031 is common for CIFAR-10)")
+
+def check_eps(owner: str, eps: float, name: str = "eps") -> None:
+    if not 0.0 <= eps <= 1.0:  # also refuses NaN
+        raise ValueError(f"{owner}: {name}={eps} must be in [0, 1] (pixel scale; 8/255 ≈ 0.031 is common for CIFAR-10)")
+
+
+def check_at_least_one(owner: str, **values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name}={value!r} must be an integer >= 1")
 
 
 def fgsm(model: nn.Module, eps: float = 0.03) -> torchattacks.FGSM:
     """Fast Gradient Sign Method (Goodfellow et al. 2015): x + ε·sign(∇ₓ loss), clipped to [0, 1]."""
-    _check_eps(eps)
+    check_eps("fgsm", eps)
     return torchattacks.FGSM(model, eps=eps)
 
 
-def pgd(model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
+def pgd(model: nn.Module, eps: float = 8 / 255, steps: int = 10, alpha: float | None = None,
         random_start: bool = True) -> torchattacks.PGD:
-    """Projected Gradient Descent (Madry et al. 2018): ``steps`` FGSM steps of size ``alpha``,
-    each projected back into the L∞ ball of radius ``eps``; the standard strong first-order attack."""
-    _check_eps(eps)
-    if steps < 1 or alpha <= 0:
-        raise ValueError(f"pgd: steps={steps} must be >= 1 and alpha={alpha} > 0")
+    """Projected Gradient Descent (Madry et al. 2018): from a random point of the ε-ball, ``steps``
+    signed-gradient steps of size ``alpha`` (default 2.5·ε/steps), each projected back into the
+    L∞ ball of radius ε and into [0, 1]; the standard strong first-order attack."""
+    check_eps("pgd", eps)
+    check_at_least_one("pgd", steps=steps)
+    alpha = 2.5 * eps / steps if alpha is None else alpha
+    if not alpha > 0:
+        raise ValueError(f"pgd: alpha={alpha} must be > 0")
     return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
 
 
-def run_attack(attack: torchattacks.attack.Attack, images: Tensor, labels: Tensor) -> Tensor:
-    """Adversarial images (N, 3, H, W) in [0, 1] for ``images`` of that shape.
+def ensemble_member(name: str, model: nn.Module, eps: float, seed: int = 0,
+                    num_classes: int = 10) -> torchattacks.attack.Attack:
+    """One AutoAttack member with the budget of the paper's standard version (Croce & Hein 2020,
+    "Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free
+    attacks"): APGD with cross-entropy (100 steps), APGD-T with the targeted DLR loss (100 steps for
+    each of the 9 other classes), FAB-T (100 steps, 9 targets) and Square (5,000 queries).
+    torchattacks' own ``AutoAttack`` runs its members with 10 steps; these are the paper's."""
+    check_eps(name, eps)
+    members = {
+        "apgd-ce": lambda: torchattacks.APGD(model, eps=eps, steps=100, n_restarts=1, loss="ce", seed=seed),
+        "apgd-t": lambda: torchattacks.APGDT(model, eps=eps, steps=100, n_restarts=1, n_classes=num_classes,
+                                             seed=seed),
+        "fab-t": lambda: torchattacks.FAB(model, eps=eps, steps=100, n_restarts=1, multi_targeted=True,
+                                          n_classes=num_classes, seed=seed),
+        "square": lambda: torchattacks.Square(model, eps=eps, n_queries=5000, n_restarts=1, seed=seed),
+    }
+    if name not in members:
+        raise ValueError(f"unknown attack {name!r}; the ensemble's members are {', '.join(ENSEMBLE_MEMBERS)}")
+    return members[name]()
+
+
+@contextmanager
+def untouched(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode with frozen weights, then put back every submodule's own mode,
+    each weight's ``requires_grad`` and its ``.grad``. Restoring only the top module's mode is not
+    enough: a wrapper created in training mode would switch the network inside it to training."""
+    modes = [(module, module.training) for module in model.modules()]
+    weights = [(p, p.requires_grad, p.grad) for p in model.parameters()]
+    model.eval()
+    for parameter, *_ in weights:
+        parameter.requires_grad_(False)  # gradients for the image only: faster, and nothing accumulates
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for parameter, requires_grad, grad in weights:
+            parameter.requires_grad_(requires_grad)
+            parameter.grad = grad
+
+
+def run_attack(attack: torchattacks.attack.Attack, images: Tensor, labels: Tensor, seed: int = 0) -> Tensor:
+    """Adversarial images (N, 3, H, W) in [0, 1] for ``images`` of that shape, inside the ε-ball.
 
     Works inside ``torch.inference_mode()`` and ``torch.no_grad()`` too (``trainer.test`` runs
     under them): gradients are switched back on and the inputs copied into ordinary tensors,
-    since inference tensors cannot take part in autograd. The model is run in eval mode and its
-    mode restored afterwards (torchattacks does this).
+    since inference tensors cannot take part in autograd. Random starts draw from a private
+    stream seeded with ``seed``, so an attack is reproducible and moves no other number.
     """
-    with torch.inference_mode(False), torch.enable_grad():
-        return attack(images.clone(), labels.clone())
+    devices = [images.device] if images.device.type == "cuda" else []
+    with torch.inference_mode(False), torch.enable_grad(), untouched(attack.model), \
+            torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        clean = images.clone()
+        adversarial = attack(clean, labels.clone()).detach()
+    # FAB and Square search their own way; an image outside the threat model would not count.
+    eps = attack.eps
+    return torch.min(torch.max(adversarial, clean - eps), clean + eps).clamp(0, 1)
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Forward: the defense. Backward: the identity (the defense is treated as f(x) ≈ x)."""
+    """Forward: the defense, exactly. Backward: the gradient of its differentiable approximation."""
 
     @staticmethod
-    def forward(ctx, images: Tensor, defense: Defense) -> Tensor:
+    def forward(ctx, images: Tensor, approximation: Tensor, defense: Defense) -> Tensor:
         return defense(images.detach())
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None]:
-        return grad_output, None
+    def backward(ctx, grad_output: Tensor) -> tuple[None, Tensor, None]:
+        return None, grad_output, None
 
 
-class BPDA(nn.Module):
-    """Backward Pass Differentiable Approximation (Athalye, Carlini & Wagner 2018, "Obfuscated
-    Gradients Give a False Sense of Security"): ``model(defense(x))`` whose gradient with respect
-    to x is that of ``model`` at ``defense(x)``, as if the defense were the identity.
+class ThroughDefense(nn.Module):
+    """``model(defense(x))`` for an attacker who knows the defense: the forward pass runs the real
+    defense; the backward pass takes the gradient of ``defense.approximation(x)``: exact where the
+    defense is differentiable (Gaussian blur), the identity where it is not (JPEG, median, TV
+    denoising, rounding to 8 bits): BPDA, Athalye, Carlini & Wagner 2018, "Obfuscated Gradients Give
+    a False Sense of Security". Attacking it with any gradient attack is an adaptive attack.
 
-    Attacking ``BPDA(model, defense)`` with any gradient attack is an adaptive attack on the
-    defended model: the attacker knows the defense and attacks through it.
-    Input and output as ``model``: [0, 1] images (N, 3, H, W) → logits.
+    Created in eval mode, like the network it wraps. Input and output as ``model``: [0, 1] images
+    (N, 3, H, W) → logits.
     """
 
     def __init__(self, model: nn.Module, defense: Defense) -> None:
         super().__init__()
         self.model, self.defense = model, defense
+        self.eval()
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.model(_StraightThrough.apply(images, self.defense))
+        return self.model(_StraightThrough.apply(images, self.defense.approximation(images), self.defense))
+
+
+Judge = Callable[[Tensor], Tensor]
+"""Images (N, 3, H, W) in [0, 1] → predicted labels (N,): the model that decides whether an attack worked."""
+
+
+def attack_chain(attacks: dict[str, Callable[[Tensor, Tensor], Tensor]], judge: Judge, images: Tensor,
+                 labels: Tensor, standing: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Run ``attacks`` one after another, each only on the images that every earlier one failed on,
+    as AutoAttack runs its members; the worst case per image.
+
+    Args:
+        attacks: name → ``attack(images, labels)`` returning adversarial images, in order.
+        judge: predicts labels of (adversarial) images; an attack works when the judge errs.
+        images, labels: (N, 3, H, W) in [0, 1] and (N,).
+        standing: (N,) bool, the images still correctly classified before the chain starts (e.g.
+            after FGSM); default: those ``judge`` gets right on ``images``.
+
+    Returns:
+        The adversarial images (for each image, the first attack's that fooled the judge, else the
+        last attack's attempt) and, per attack, the (N,) bool mask of images that survived it and every
+        attack before it: so each mask is a subset of the previous one.
+    """
+    adversarial = images.clone()
+    if standing is None:
+        standing = judge(images) == labels
+    robust = {}
+    for name, attack in attacks.items():
+        standing = standing.clone()
+        index = standing.nonzero().squeeze(1)
+        if len(index):
+            candidate = attack(images[index], labels[index])
+            adversarial[index] = candidate
+            standing[index[judge(candidate) != labels[index]]] = False
+        robust[name] = standing
+    return adversarial, robust

@@ -5,8 +5,9 @@ float [0, 1] ↔ uint8 conversion is ``data.to_uint8_hwc`` / ``data.from_uint8_h
 models take pixel-space input, this is the seed's denormalise → process → renormalise.
 
 Limits, for all four: they are fixed preprocessing steps
-that help only against an attacker who does not know they are there. An adaptive attacker (BPDA,
-Athalye et al. 2018, see ``attacks.BPDA``) routes gradients around them and largely undoes them.
+that help only against an attacker who does not know they are there. An adaptive attacker
+(``attacks.ThroughDefense``: the exact gradient where a defense has one, BPDA, Athalye et al. 2018,
+where it has not) routes gradients through or around them and largely undoes them.
 They also cost clean accuracy, which the evaluation reports as ``clean/<defense>/acc``.
 """
 
@@ -20,7 +21,9 @@ import cv2
 import numpy as np
 from PIL import Image
 from skimage.restoration import denoise_tv_chambolle
+import torch
 from torch import Tensor
+from torch.nn import functional
 
 from cifar_lightning.data import from_uint8_hwc, to_uint8_hwc
 
@@ -51,6 +54,12 @@ class Defense(abc.ABC):
     @abc.abstractmethod
     def name(self) -> str:
         """Short name with the parameter, as used in TensorBoard tags, e.g. ``jpeg_q30``."""
+
+    def approximation(self, images: Tensor) -> Tensor:
+        """A differentiable stand-in for the defense on float [0, 1] batches, whose gradient an
+        adaptive attacker follows. The identity here (BPDA); a subclass with a differentiable form
+        returns it."""
+        return images
 
     def process_batch(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) → uint8 (N, H, W, 3), images spread over ``workers`` threads."""
@@ -91,6 +100,14 @@ class GaussianBlur(Defense):
 
     def process(self, image: np.ndarray) -> np.ndarray:
         return cv2.GaussianBlur(image, (self.kernel_size, self.kernel_size), 0)
+
+    def approximation(self, images: Tensor) -> Tensor:
+        """The same blur as a convolution (OpenCV's kernel, its reflect-101 border): exact but for
+        the rounding to 8 bits."""
+        line = torch.from_numpy(cv2.getGaussianKernel(self.kernel_size, 0)).float().to(images.device)
+        kernel = (line @ line.T).expand(images.shape[1], 1, -1, -1)
+        padded = functional.pad(images, (self.kernel_size // 2,) * 4, mode="reflect")
+        return functional.conv2d(padded, kernel, groups=images.shape[1])
 
 
 class JpegCompression(Defense):

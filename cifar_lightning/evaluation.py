@@ -4,22 +4,25 @@ For each test batch the attacked and defended images are made once (:class:`Atta
 then fed to every model that is evaluated (:func:`predict`); :class:`RobustnessMetrics` keeps
 torchmetrics state per input kind, so that under DDP the numbers are synced over all ranks.
 
-Input kinds, named as in the TensorBoard tags ``test/<model>/<input>/<metric>``:
-``clean``, ``fgsm``, ``clean/<defense>``, ``fgsm/<defense>``, ``fgsm_eps<ε>`` and
-``fgsm_eps<ε>/<defense>`` (the ε sweep), ``pgd``, ``bpda/<defense>``.
+Input kinds, named as in the TensorBoard tags ``test/<model>/<input>/<metric>``: on every test
+image ``clean``, ``fgsm``, ``clean/<defense>``, ``fgsm/<defense>``, ``fgsm_eps<ε>`` and
+``fgsm_eps<ε>/<defense>`` (the ε sweep); on the strong attacks' subset ``pgd``, the ensemble's
+members (``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``), each with ``_eps<ε>`` for the sweep, and
+``adaptive/<defense>``; for the int8 models ``transfer`` and ``whitebox``.
 """
 
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from cifar_lightning.attacks import BPDA, fgsm, pgd, run_attack
+from cifar_lightning.attacks import Judge, ThroughDefense, attack_chain, ensemble_member, fgsm, pgd, run_attack
 from cifar_lightning.data import CLASSES
 from cifar_lightning.defenses import Defense
 
@@ -42,26 +45,18 @@ def sweep_name(eps: float) -> str:
 
 
 class AttackSuite:
-    """Makes every attacked and defended version of a batch, each exactly once.
+    """Makes every attacked and defended version of a batch, each exactly once: the study on every
+    test image (FGSM, the ε sweep, the defenses). The strong attacks run on a subset
+    (:class:`StrongAttacks`).
 
     Args:
         eps: FGSM budget in [0, 1] pixel space (L∞).
         defenses: image-processing defenses applied to clean and FGSM images.
         eps_sweep: extra FGSM budgets, each evaluated with and without every defense.
-        pgd_steps: steps of a PGD reference attack at ``eps`` (0: off).
-        bpda: adaptive FGSM on each defense (the defense in the forward pass, identity gradient).
     """
 
-    def __init__(
-        self,
-        eps: float,
-        defenses: Sequence[Defense],
-        eps_sweep: Sequence[float] = (),
-        pgd_steps: int = 0,
-        bpda: bool = False,
-    ) -> None:
+    def __init__(self, eps: float, defenses: Sequence[Defense], eps_sweep: Sequence[float] = ()) -> None:
         self.eps, self.defenses, self.eps_sweep = eps, list(defenses), list(eps_sweep)
-        self.pgd_steps, self.bpda = pgd_steps, bpda
         self.timer = StageTimer()
 
     @property
@@ -70,18 +65,17 @@ class AttackSuite:
         names += [f"{kind}/{d.name}" for kind in ("clean", "fgsm") for d in self.defenses]
         for eps in self.eps_sweep:
             names += [sweep_name(eps)] + [f"{sweep_name(eps)}/{d.name}" for d in self.defenses]
-        names += ["pgd"] if self.pgd_steps else []
-        names += [f"bpda/{d.name}" for d in self.defenses] if self.bpda else []
         return names
 
     def describe(self, input_name: str) -> dict[str, object]:
-        """What an input kind is: its attack, budget, defense, and whether the attack adapts to it."""
+        """What an input kind is: its attack, budget, defense, and the attacker's knowledge."""
         kind, _, defense = input_name.partition("/")
-        attack, eps = {"clean": ("none", 0.0), "fgsm": ("FGSM", self.eps), "pgd": ("PGD", self.eps),
-                       "bpda": ("BPDA-FGSM", self.eps)}.get(kind, ("FGSM", None))
+        eps = {"clean": 0.0, "fgsm": self.eps}.get(kind)
         if eps is None:  # fgsm_eps<ε>
             eps = float(kind.removeprefix("fgsm_eps"))
-        return {"attack": attack, "eps": eps, "defense": defense or "none", "adaptive": kind == "bpda"}
+        return {"attack": "none" if kind == "clean" else "FGSM", "eps": eps, "steps": 0 if kind == "clean" else 1,
+                "restarts": 0 if kind == "clean" else 1, "defense": defense or "none",
+                "threat": "none" if kind == "clean" else "non-adaptive"}
 
     def __call__(self, model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """All input kinds for a batch of [0, 1] images (N, 3, H, W), by name, on their device."""
@@ -95,15 +89,146 @@ class AttackSuite:
             with self.timer(f"defense {defense.name}"):
                 for kind in ["clean", "fgsm", *map(sweep_name, self.eps_sweep)]:
                     inputs[f"{kind}/{defense.name}"] = defense(inputs[kind])
-        if self.pgd_steps:
-            with self.timer("pgd"):
-                inputs["pgd"] = run_attack(pgd(model, self.eps, steps=self.pgd_steps), images, labels)
-        if self.bpda:
-            for defense in self.defenses:
-                with self.timer(f"bpda {defense.name}"):
-                    adversarial = run_attack(fgsm(BPDA(model, defense), self.eps), images, labels)
-                    inputs[f"bpda/{defense.name}"] = defense(adversarial)
         return inputs
+
+
+def stratified_subset(labels: Tensor, size: int | None, seed: int = 0) -> Tensor:
+    """Sorted indices of ``size`` images (all for None), as nearly the same number of each class as
+    the labels allow, drawn with a seeded generator: the same subset for the same labels and seed."""
+    if size is None or size >= len(labels):
+        return torch.arange(len(labels))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    by_class = [order[labels[order] == c] for c in labels.unique()]
+    chosen, quota = [], size
+    # Classes in turn, one image each round, until the quota is filled: equal shares where possible.
+    for rank in range(max(map(len, by_class))):
+        for members in by_class:
+            if quota and rank < len(members):
+                chosen.append(members[rank])
+                quota -= 1
+    return torch.stack(chosen).sort().values
+
+
+def predicted_labels(model: nn.Module, images: Tensor) -> Tensor:
+    with torch.inference_mode():
+        return model(images.contiguous(memory_format=torch.channels_last)).argmax(dim=1)
+
+
+def pgd_with_restarts(model: nn.Module, eps: float, steps: int, restarts: int, seed: int = 0,
+                      judge: Judge | None = None):
+    """``attack(images, labels)``: PGD from ``restarts`` random starts, each restart only on the
+    images the earlier ones did not fool (judged by ``judge``, by default ``model`` itself)."""
+    judge = judge or partial(predicted_labels, model)
+    attacks = {f"restart {r}": partial(lambda x, y, r: run_attack(pgd(model, eps, steps), x, y, seed + r), r=r)
+               for r in range(restarts)}
+    return lambda images, labels: attack_chain(attacks, judge, images, labels)[0]
+
+
+class StrongAttacks:
+    """The attacker the field uses, on a fixed subset of the test set (they cost 20 to 1,000 model
+    passes an image): PGD with restarts, an AutoAttack-style ensemble (Croce & Hein 2020) with the
+    paper's budgets, and an adaptive PGD through each defense (``attacks.ThroughDefense``).
+
+    Each runs as a chain (``attacks.attack_chain``): first FGSM (from the per-batch study), then
+    PGD, then each ensemble member, each only on the images still standing, so an image counts as
+    robust only if it survives every attack up to that one, and accuracies can only fall along the
+    chain. The adaptive attack on a defense starts from the images that FGSM-then-defense left.
+
+    Args:
+        eps: budget in [0, 1] pixel space (L∞); ``eps_sweep``: further budgets for the ε curve.
+        defenses: the defenses to attack adaptively.
+        pgd_steps, pgd_restarts: PGD's steps (step size 2.5·ε/steps) and random starts.
+        ensemble: members of ``attacks.ENSEMBLE_MEMBERS`` to run after PGD, in that order.
+        sweep_ensemble: run the ensemble at every ``eps_sweep`` budget too, not only PGD (at small
+            budgets most images survive PGD, and APGD-T costs 900 passes an image).
+        adaptive: run the adaptive PGD through each defense.
+        seed: seed of every random start, so a run is reproducible.
+    """
+
+    def __init__(self, eps: float, defenses: Sequence[Defense], eps_sweep: Sequence[float] = (),
+                 pgd_steps: int = 20, pgd_restarts: int = 1, ensemble: Sequence[str] = ("apgd-ce", "apgd-t"),
+                 sweep_ensemble: bool = False, adaptive: bool = True, seed: int = 0) -> None:
+        self.eps, self.defenses, self.eps_sweep = eps, list(defenses), list(eps_sweep)
+        self.pgd_steps, self.pgd_restarts, self.ensemble = pgd_steps, pgd_restarts, list(ensemble)
+        self.sweep_ensemble, self.adaptive, self.seed = sweep_ensemble, adaptive, seed
+
+    def chain(self, eps: float) -> list[str]:
+        """The attacks after FGSM at budget ``eps``."""
+        return ["pgd", *self.ensemble] if eps == self.eps or self.sweep_ensemble else ["pgd"]
+
+    def _suffix(self, eps: float) -> str:
+        return "" if eps == self.eps else f"_eps{eps:.4f}"
+
+    @property
+    def input_names(self) -> list[str]:
+        names = [f"{attack}{self._suffix(eps)}" for eps in [self.eps, *self.eps_sweep] for attack in self.chain(eps)]
+        return names + ([f"adaptive/{d.name}" for d in self.defenses] if self.adaptive else [])
+
+    def describe(self, input_name: str) -> dict[str, object]:
+        kind, _, defense = input_name.partition("/")
+        attack, _, eps = kind.partition("_eps")
+        chain = ["fgsm", "pgd", *self.ensemble]
+        if attack == "transfer":  # an int8 model on the FP32 model's worst-case images
+            return {"attack": "FP32 worst case", "eps": self.eps, "steps": 0, "restarts": 0, "defense": "none",
+                    "threat": "transfer", "worst_of": "+".join(chain)}
+        if attack == "whitebox":  # PGD on the int8 model's fake-quantized surrogate
+            return {"attack": "PGD", "eps": self.eps, "steps": self.pgd_steps, "restarts": self.pgd_restarts,
+                    "defense": "none", "threat": "white-box (surrogate)", "worst_of": "fgsm+pgd"}
+        # The ensemble's budgets are the paper's (``attacks.ensemble_member``); Square's steps are queries.
+        name, steps, restarts = {"pgd": ("PGD", self.pgd_steps, self.pgd_restarts),
+                                 "adaptive": ("PGD", self.pgd_steps, self.pgd_restarts),
+                                 "apgd-ce": ("APGD-CE", 100, 1), "apgd-t": ("APGD-T (9 targets)", 100, 1),
+                                 "fab-t": ("FAB-T (9 targets)", 100, 1), "square": ("Square", 5000, 1)}[attack]
+        return {"attack": name,
+                "eps": float(eps) if eps else self.eps, "steps": steps, "restarts": restarts,
+                "defense": defense or "none", "threat": "adaptive" if defense else "white-box",
+                "worst_of": "fgsm+pgd" if defense else "+".join(chain[: chain.index(attack) + 1])}
+
+    def standing(self, probabilities: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """Per image, right on the clean image and after FGSM, where each chain starts: ``fgsm``,
+        ``fgsm_eps<ε>`` and, right on the defended clean and FGSM images, ``fgsm/<defense>``; and
+        ``clean``, right on the clean image."""
+        right = {name: p.argmax(dim=1) == labels for name, p in probabilities.items()}
+        standing = {"clean": right["clean"]}
+        standing |= {name: right["clean"] & right[name] for name in ["fgsm", *map(sweep_name, self.eps_sweep)]}
+        return standing | {f"fgsm/{d.name}": right[f"clean/{d.name}"] & right[f"fgsm/{d.name}"] for d in self.defenses}
+
+    def __call__(self, model: nn.Module, images: Tensor, labels: Tensor, standing: dict[str, Tensor],
+                 timer: StageTimer) -> tuple[dict[str, Tensor], Tensor]:
+        """Robust masks (N,) bool by input name, and the adversarial images at ``eps`` (each image's
+        first success along the chain, else the last attempt).
+
+        ``standing``: per-image correctness after FGSM from the per-batch study, for ``fgsm``,
+        ``fgsm_eps<ε>`` and ``fgsm/<defense>`` (correct on the clean image too).
+        """
+        masks, judge = {}, partial(predicted_labels, model)
+        for eps in [self.eps, *self.eps_sweep]:
+            attacks = {"pgd": self._timed(timer, "pgd", pgd_with_restarts(
+                model, eps, self.pgd_steps, self.pgd_restarts, self.seed))}
+            attacks |= {name: self._timed(timer, name, partial(
+                lambda x, y, name, eps: run_attack(ensemble_member(name, model, eps, self.seed), x, y, self.seed),
+                name=name, eps=eps)) for name in self.chain(eps)[1:]}
+            fgsm_name = "fgsm" if eps == self.eps else sweep_name(eps)
+            adversarial, robust = attack_chain(attacks, judge, images, labels, standing[fgsm_name])
+            masks |= {f"{name}{self._suffix(eps)}": mask for name, mask in robust.items()}
+            if eps == self.eps:
+                worst = adversarial
+        for defense in self.defenses if self.adaptive else []:
+            defended = ThroughDefense(model, defense)
+            defended_judge = lambda x, defense=defense: predicted_labels(model, defense(x))  # noqa: E731
+            attack = pgd_with_restarts(defended, self.eps, self.pgd_steps, self.pgd_restarts, self.seed,
+                                       judge=defended_judge)
+            _, robust = attack_chain({"adaptive": self._timed(timer, f"adaptive {defense.name}", attack)},
+                                     defended_judge, images, labels, standing[f"fgsm/{defense.name}"])
+            masks[f"adaptive/{defense.name}"] = robust["adaptive"]
+        return masks, worst
+
+    @staticmethod
+    def _timed(timer: StageTimer, stage: str, attack):
+        def timed(images: Tensor, labels: Tensor) -> Tensor:
+            with timer(stage):
+                return attack(images, labels)
+        return timed
 
 
 @torch.inference_mode()
@@ -175,12 +300,36 @@ class RobustnessMetrics:
         }
 
 
-def scalar_tags(results: dict) -> dict[str, float]:
-    """:meth:`RobustnessMetrics.compute` as flat TensorBoard tag suffixes: ``<input>/acc`` …"""
+class RobustAccuracy:
+    """Accuracy on the strong attacks' subset from per-image robust masks, and attack success (the
+    share of the images right when clean, the ``clean`` mask, that an attack fools); synced over
+    ranks like :class:`RobustnessMetrics`, whose ``compute`` layout it shares."""
+
+    def __init__(self, input_names: Sequence[str], device: torch.device) -> None:
+        self.robust = {name: SumMetric().to(device) for name in ["clean", *input_names]}
+        self.images = SumMetric().to(device)
+
+    def update(self, masks: dict[str, Tensor]) -> None:
+        for name, metric in self.robust.items():
+            metric.update(masks[name].sum())
+        self.images.update(len(masks["clean"]))
+
+    def compute(self) -> dict:
+        images = int(self.images.compute().item())
+        robust = {name: m.compute().item() for name, m in self.robust.items()}
+        right = robust.pop("clean")
+        return {"acc": {name: count / images for name, count in robust.items()},
+                "attack_success": {name: 1 - count / right if right else float("nan") for name, count in robust.items()},
+                "images": images, "clean_acc": right / images}
+
+
+def scalar_tags(results: dict, images_tag: str = "images") -> dict[str, float]:
+    """:meth:`RobustnessMetrics.compute` (or :meth:`RobustAccuracy.compute`, with ``images_tag``
+    ``subset/images``) as flat TensorBoard tag suffixes: ``<input>/acc`` …"""
     tags = {f"{name}/acc": value for name, value in results["acc"].items()}
     tags |= {f"{name}/attack_success": value for name, value in results["attack_success"].items()}
-    tags |= {f"{name}/acc_class/{c}": v for name, per in results["acc_class"].items() for c, v in per.items()}
-    if results["agreement"] is not None:
+    tags |= {f"{name}/acc_class/{c}": v for name, per in results.get("acc_class", {}).items() for c, v in per.items()}
+    if results.get("agreement") is not None:
         tags["clean/agreement"] = results["agreement"]
-    tags["images"] = results["images"]
+    tags[images_tag] = results["images"]
     return tags

@@ -95,6 +95,99 @@ def quantize_static(model: nn.Module, calibration_images: Tensor, batch_size: in
         return convert_fx(prepared)
 
 
+class _RoundStraightThrough(torch.autograd.Function):
+    """Forward: round to the nearest integer (half to even, as the int8 kernels). Backward: identity."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.round()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> Tensor:
+        return grad_output
+
+
+def fake_quantize(x: Tensor, scale: Tensor | float, zero_point: Tensor | int, quant_max: int = 255) -> Tensor:
+    """``x`` quantized to unsigned integers in [0, quant_max] and back to float, as an int8 layer
+    sees it; the gradient passes straight through the rounding (and is zero where clamped)."""
+    levels = (_RoundStraightThrough.apply(x / scale) + zero_point).clamp(0, quant_max)
+    return (levels - zero_point) * scale
+
+
+def _fake_quantize_node(x: Tensor, scale: Tensor, zero_point: Tensor, dtype: torch.dtype) -> Tensor:
+    """Stands in for ``torch.quantize_per_tensor`` in a converted graph (quint8 activations)."""
+    return fake_quantize(x, scale, zero_point)
+
+
+class _FakeQuantizedLayer(nn.Module):
+    """A float twin of a static int8 Conv2d or Linear layer (ReLU fused or not): its dequantized
+    weights, its float bias, and its output fake-quantized with its own scale and zero point."""
+
+    def __init__(self, layer: nn.Module, relu: bool) -> None:
+        super().__init__()
+        self.layer, self.relu = layer, relu
+        self.register_buffer("weight", layer.weight().dequantize())
+        self.register_buffer("bias", layer.bias().detach().clone())
+        self.scale, self.zero_point = float(layer.scale), int(layer.zero_point)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.weight.ndim == 4:
+            layer = self.layer
+            x = nn.functional.conv2d(x, self.weight, self.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        else:
+            x = nn.functional.linear(x, self.weight, self.bias)
+        return fake_quantize(x.relu() if self.relu else x, self.scale, self.zero_point)
+
+
+class _FakeDynamicLinear(nn.Module):
+    """A float twin of a dynamic int8 Linear layer: its input fake-quantized per call with the range
+    of the whole input (7-bit, ``reduce_range`` as the x86 kernel does), its dequantized weights."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.register_buffer("weight", layer.weight().dequantize())
+        self.register_buffer("bias", layer.bias().detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            low, high = x.min().clamp(max=0), x.max().clamp(min=0)
+            scale = ((high - low) / 127).clamp(min=1e-8)
+            zero_point = (-low / scale).round().clamp(0, 127)
+        return nn.functional.linear(fake_quantize(x, scale, zero_point, quant_max=127), self.weight, self.bias)
+
+
+def fake_quant_surrogate(quantized: nn.Module) -> nn.Module:
+    """A differentiable float copy of an int8 model from :func:`quantize_dynamic_linear` or
+    :func:`quantize_static` (Lin, Gan & Han 2019 attack quantized models this way): every int8
+    layer replaced by its float twin holding the int8 model's own weights, scales and zero points,
+    rounding with a straight-through gradient. A gradient attack on it is a white-box attack on
+    the int8 model; its predictions agree with the int8 model's on nearly every image.
+    """
+    import torch.ao.nn.intrinsic.quantized as fused
+    import torch.ao.nn.quantized as quantized_nn
+    from torch.ao.nn.quantized import dynamic
+
+    twins = {fused.ConvReLU2d: lambda m: _FakeQuantizedLayer(m, relu=True),
+             fused.LinearReLU: lambda m: _FakeQuantizedLayer(m, relu=True),
+             quantized_nn.Conv2d: lambda m: _FakeQuantizedLayer(m, relu=False),
+             quantized_nn.Linear: lambda m: _FakeQuantizedLayer(m, relu=False),
+             dynamic.Linear: _FakeDynamicLinear}
+    with torch.inference_mode(False):  # tensors autograd can use, even from a model made under inference mode
+        surrogate = copy.deepcopy(quantized).requires_grad_(False)
+        for name, module in list(surrogate.named_modules()):
+            if type(module) in twins:
+                surrogate.set_submodule(name, twins[type(module)](module))
+    if isinstance(surrogate, torch.fx.GraphModule):
+        for node in list(surrogate.graph.nodes):
+            if node.target is torch.quantize_per_tensor:
+                node.target = _fake_quantize_node
+            elif node.op == "call_method" and node.target == "dequantize":  # no gradient; the tensor is float now
+                node.replace_all_uses_with(node.args[0])
+                surrogate.graph.erase_node(node)
+        surrogate.recompile()
+    return surrogate.eval()
+
+
 def state_dict_megabytes(model: nn.Module) -> float:
     """Size of ``torch.save(model.state_dict())`` in MB (10^6 bytes); quantized layers count their
     packed int8 weights."""

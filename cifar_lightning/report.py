@@ -15,9 +15,12 @@ from torch import Tensor  # noqa: E402
 from cifar_lightning.data import CLASSES  # noqa: E402
 
 NON_ADAPTIVE_NOTE = (
-    "FGSM and PGD rows are crafted on the undefended FP32 model: a non-adaptive attacker who does not "
-    "know the defense. BPDA rows are an adaptive attacker (defense in the forward pass, identity "
-    "gradient). int8 rows are transfer attacks (images crafted on the FP32 model)."
+    "`threat`: non-adaptive rows are FGSM crafted on the undefended FP32 model, then the defense: an "
+    "attacker who does not know the defense. The strong attacks run on the subset of `images`; each row "
+    "counts an image as robust only if it survived every attack in `worst_of`. Adaptive rows attack "
+    "through the defense (its exact gradient where it has one, the identity where not: BPDA). int8 "
+    "`transfer` rows score the FP32 model's adversarial images; `white-box (surrogate)` rows attack a "
+    "fake-quantized copy with the int8 model's own scales and score the real int8 model."
 )
 
 
@@ -42,23 +45,30 @@ class Report:
         self.summary: dict[str, dict] = {}
         self.per_class: dict[str, dict[str, float]] = {}
         self.stage_seconds: dict[str, float] = {}
+        self.robust_masks: pd.DataFrame | None = None  # per image of the strong attacks' subset
 
     def add(self, model: str, results: dict, describe) -> None:
-        """``results`` from ``RobustnessMetrics.compute``; ``describe(input)`` as ``AttackSuite.describe``."""
+        """``results`` from ``RobustnessMetrics.compute`` (every test image) or
+        ``RobustAccuracy.compute`` (the strong attacks' subset); ``describe(input)`` as
+        ``AttackSuite.describe``."""
         accuracy, success = results["acc"], results["attack_success"]
         for name, value in accuracy.items():
-            self.rows.append({"model": model, "input": name, **describe(name), "acc": value,
-                              "attack_success": success.get(name, float("nan"))})
-        for name, per_class in results["acc_class"].items():
+            self.rows.append({"model": model, "input": name, **describe(name), "images": results["images"],
+                              "acc": value, "attack_success": success.get(name, float("nan"))})
+        for name, per_class in results.get("acc_class", {}).items():
             self.per_class[f"{model} {name}"] = per_class
         row = self.summary.setdefault(model, {})
-        row |= {"test_images": results["images"], "clean_acc": accuracy["clean"], "fgsm_acc": accuracy["fgsm"], "fgsm_success": success["fgsm"]}
-        if results["agreement"] is not None:
+        if "clean" in accuracy:
+            row |= {"test_images": results["images"], "clean_acc": accuracy["clean"], "fgsm_acc": accuracy["fgsm"],
+                    "fgsm_success": success["fgsm"]}
+        if results.get("agreement") is not None:
             row["agreement_with_fp32"] = results["agreement"]
         for name, value in accuracy.items():
             kind, _, defense = name.partition("/")
-            if defense and kind in ("clean", "fgsm"):
-                row[f"{defense}_{'recovery' if kind == 'fgsm' else 'clean'}"] = value
+            if defense and kind in ("clean", "fgsm", "adaptive"):
+                row[f"{defense}_{ {'fgsm': 'recovery', 'clean': 'clean', 'adaptive': 'adaptive'}[kind]}"] = value
+            elif not defense and "_eps" not in kind and kind not in ("clean", "fgsm"):
+                row[f"{kind}_acc"] = value  # the strong attacks at the main ε
 
     def add_model_info(self, model: str, **info) -> None:
         """Size, latency, device… for the summary row of ``model``."""
@@ -96,6 +106,8 @@ class Report:
         write_atomic(folder / "results.csv", self.details().to_csv(index=False).encode())
         write_atomic(folder / "summary.csv", self.summary_frame().to_csv(index=False).encode())
         write_atomic(folder / "results.md", (self.markdown() + "\n").encode())
+        if self.robust_masks is not None:
+            write_atomic(folder / "robust_masks.csv", self.robust_masks.to_csv(index=False).encode())
         for name, figure in figures.items():
             write_atomic(folder / f"{name}.png", figure_png(figure))
 
@@ -143,14 +155,14 @@ def sample_grid(samples: list[tuple[dict[str, Tensor], dict[str, Tensor], int]],
 
 
 def eps_curve(eps: list[float], accuracy: dict[str, list[float]], model: str) -> plt.Figure:
-    """Accuracy against the FGSM budget ε, one line per defense ("none" = undefended)."""
+    """Accuracy against the budget ε, one line per attack and defense."""
     figure, axis = plt.subplots(figsize=(5.5, 3.8))
-    for defense, values in accuracy.items():
-        axis.plot([e * 255 for e in eps], values, marker="o", label=defense)
-    axis.set_xlabel("FGSM ε (grey levels of 255)")
+    for curve, values in accuracy.items():
+        axis.plot([e * 255 for e in eps], values, marker="o", label=curve, linestyle="--" if "subset" in curve else "-")
+    axis.set_xlabel("ε (grey levels of 255)")
     axis.set_ylabel("test accuracy")
     axis.set_ylim(0, 1)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    axis.set_title(f"{model}: accuracy under FGSM (non-adaptive)", fontsize=10)
+    axis.set_title(f"{model}: accuracy against ε", fontsize=10)
     return figure

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CONFIG, quick_fit_args, run_cli, write_slice
+from tests.helpers import callback_args, quick_fit_args, run_cli, write_config, write_slice
 
 
 @pytest.fixture(scope="session")
@@ -19,11 +19,22 @@ def fitted_run(cifar_slice, tmp_path_factory) -> Path:
     return workdir / "lightning_logs" / "version_0"
 
 
+def small_subset(config: dict, **changes) -> None:
+    """The strong attacks on 64 of the slice's 256 test images, with 5 PGD steps; then ``changes``."""
+    callback_args(config, "RobustnessEvaluation").update({"subset": 64, "pgd_steps": 5} | changes)
+
+
 @pytest.fixture(scope="session")
-def tested_run(cifar_slice, fitted_run, tmp_path_factory) -> Path:
+def test_config(tmp_path_factory) -> Path:
+    """The default config, its strong attacks on a small subset (:func:`small_subset`)."""
+    return write_config(tmp_path_factory.mktemp("test_config"), small_subset)
+
+
+@pytest.fixture(scope="session")
+def tested_run(cifar_slice, fitted_run, test_config, tmp_path_factory) -> Path:
     """The run folder of `cifar-lightning test` (all default callbacks) on the fitted checkpoint."""
     workdir = tmp_path_factory.mktemp("test")
-    run_cli("test", "--config", str(CONFIG), "--data.data_dir", str(cifar_slice), "--data.batch_size", "128",
+    run_cli("test", "--config", str(test_config), "--data.data_dir", str(cifar_slice), "--data.batch_size", "128",
             "--ckpt_path", str(fitted_run / "checkpoints" / "best.ckpt"), "--trainer.enable_progress_bar", "false",
             cwd=workdir)
     return workdir / "lightning_logs" / "version_0"

@@ -1,9 +1,20 @@
+"""Attacks: budgets, the model left exactly as found, adaptive attacks, and checks against gradient masking."""
+
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from cifar_lightning.attacks import BPDA, fgsm, pgd, run_attack
-from cifar_lightning.defenses import MedianFilter
+from cifar_lightning.attacks import ThroughDefense, attack_chain, ensemble_member, fgsm, pgd, run_attack
+from cifar_lightning.data import load_cifar10
+from cifar_lightning.defenses import Defense, GaussianBlur, MedianFilter
+from cifar_lightning.evaluation import pgd_with_restarts, predicted_labels
+from cifar_lightning.module import ClassifierModule
+from tests.helpers import SHARED_CIFAR10
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "improvedcnn_cifar10.ckpt"
 
 
 @pytest.fixture
@@ -11,6 +22,16 @@ def model():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
                          nn.Dropout(0.5), nn.Linear(8 * 8 * 8, 10))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """The shipped weights (Normalized ImprovedCNN, eval mode) and 128 real test images they mostly get right."""
+    if not (SHARED_CIFAR10 / "test.npz").is_file():
+        pytest.skip(f"no CIFAR-10 test.npz in {SHARED_CIFAR10}")
+    net = ClassifierModule.load_from_checkpoint(WEIGHTS, weights_only=True, map_location="cpu").net.eval()
+    images, labels = load_cifar10(SHARED_CIFAR10, train=False)
+    return net, images[:128].float() / 255, labels[:128]
 
 
 def _batch():
@@ -23,6 +44,24 @@ def _loss(model, images, labels):
         return nn.functional.cross_entropy(model.eval()(images), labels).item()
 
 
+def _accuracy(model, images, labels) -> float:
+    return (predicted_labels(model, images) == labels).float().mean().item()
+
+
+class Identity(Defense):
+    """A defense that changes nothing, not even the rounding to 8 bits."""
+
+    def _check_params(self) -> None: ...
+
+    name = "identity"
+
+    def process(self, image: np.ndarray) -> np.ndarray:
+        return image
+
+    def __call__(self, images):
+        return images.clone()
+
+
 def test_fgsm_stays_within_eps_and_the_pixel_range_and_raises_the_loss(model):
     images, labels = _batch()
     adversarial = run_attack(fgsm(model, eps=0.03), images, labels)
@@ -32,45 +71,118 @@ def test_fgsm_stays_within_eps_and_the_pixel_range_and_raises_the_loss(model):
     assert _loss(model, adversarial, labels) > _loss(model, images, labels)
 
 
-def test_attacks_work_under_inference_mode_and_keep_the_model_mode(model):
+@pytest.mark.parametrize("make", [lambda m: fgsm(m, 0.03), lambda m: pgd(m, 0.03, steps=3),
+                                  lambda m: ensemble_member("apgd-ce", m, 0.03),
+                                  lambda m: ThroughDefense(m, MedianFilter(3))])
+def test_an_attack_leaves_the_model_exactly_as_it_found_it(model, make):
+    """Modes of every submodule (a wrapper's too), BatchNorm statistics, weights, gradients, and
+    the global random stream. A wrapper restored to *its* mode used to switch the network inside
+    to training."""
     images, labels = _batch()
     model.train()
+    model[1].eval()  # mixed modes must come back as they were, module by module
+    attack = make(model)
+    target = attack if isinstance(attack, nn.Module) else attack.model
+    if isinstance(attack, nn.Module):
+        attack = pgd(attack, 0.03, steps=2)
+        attack_target = target
+        attack_target.train()  # even a wrapper left in training mode
+    modes = {name: m.training for name, m in target.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
     with torch.inference_mode():
-        adversarial = run_attack(fgsm(model, eps=0.03), images, labels)
-    assert model.training and not adversarial.requires_grad
-    model.eval()
-    again = run_attack(fgsm(model, eps=0.03), images, labels)
-    assert not model.training
-    torch.testing.assert_close(adversarial, again)  # eval mode inside: dropout did not vary
+        run_attack(attack, images, labels)
+    assert {name: m.training for name, m in target.named_modules()} == modes
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
-def test_pgd_is_at_least_as_strong_as_fgsm(model):
+def test_attacks_are_reproducible_and_seeded(model):
     images, labels = _batch()
-    one_step = run_attack(fgsm(model, eps=0.03), images, labels)
-    many_steps = run_attack(pgd(model, eps=0.03, alpha=0.01, steps=10), images, labels)
-    assert (many_steps - images).abs().max() <= 0.03 + 1e-6
-    assert _loss(model, many_steps, labels) >= _loss(model, one_step, labels)
+    model.eval()
+    first = run_attack(pgd(model, eps=0.03, steps=3), images, labels, seed=1)
+    assert torch.equal(first, run_attack(pgd(model, eps=0.03, steps=3), images, labels, seed=1))
+    assert not torch.equal(first, run_attack(pgd(model, eps=0.03, steps=3), images, labels, seed=2))
 
 
-def test_bpda_forward_is_the_defense_and_its_gradient_passes_straight_through(model):
+def test_the_adaptive_attack_runs_the_real_defense_forward_and_its_approximation_backward(model):
     model.eval()
     images, labels = _batch()
-    defense = MedianFilter(3)
-    x = images.clone().requires_grad_(True)
-    nn.functional.cross_entropy(BPDA(model, defense)(x), labels).backward()
-    z = defense(images).requires_grad_(True)
-    loss_at_defended = nn.functional.cross_entropy(model(z), labels)
-    loss_at_defended.backward()
-    torch.testing.assert_close(x.grad, z.grad)
-    assert BPDA(model, defense)(images).equal(model(defense(images)))
+    for defense in (MedianFilter(3), GaussianBlur(3)):
+        x = images.clone().requires_grad_(True)
+        nn.functional.cross_entropy(ThroughDefense(model, defense)(x), labels).backward()
+        z = images.clone().requires_grad_(True)
+        nn.functional.cross_entropy(model(defense(images) + defense.approximation(z) - defense.approximation(z).detach()),
+                                    labels).backward()
+        torch.testing.assert_close(x.grad, z.grad)
+        assert ThroughDefense(model, defense)(images).equal(model(defense(images)))
+    assert not ThroughDefense(model, MedianFilter(3)).training
 
 
-@pytest.mark.parametrize("eps", [-0.1, 1.5])
-def test_eps_outside_the_pixel_range_is_rejected(model, eps):
-    with pytest.raises(ValueError, match=f"eps={eps} must be in"):
-        fgsm(model, eps=eps)
+def test_the_gaussian_approximation_is_the_blur_itself():
+    images = torch.randint(0, 256, (4, 3, 32, 32)).float() / 255
+    for kernel in (3, 5):
+        blur = GaussianBlur(kernel)
+        assert (blur(images) - blur.approximation(images)).abs().max() <= 0.5 / 255 + 1e-6  # rounding only
 
 
-def test_pgd_rejects_bad_steps(model):
-    with pytest.raises(ValueError, match="steps=0 must be >= 1"):
-        pgd(model, steps=0)
+def test_bpda_through_an_identity_defense_is_the_plain_attack(trained):
+    net, images, labels = trained
+    plain = run_attack(pgd(net, 8 / 255, steps=5), images[:32], labels[:32], seed=3)
+    through = run_attack(pgd(ThroughDefense(net, Identity()), 8 / 255, steps=5), images[:32], labels[:32], seed=3)
+    torch.testing.assert_close(through, plain)
+
+
+def test_attack_chain_runs_each_attack_on_the_images_still_standing():
+    images, labels = torch.zeros(6, 1, 1, 1), torch.tensor([0, 0, 0, 0, 0, 1])
+    seen = []
+
+    def flip(values):  # an "attack" that sets the pixel of chosen images to 1
+        def attack(x, y):
+            seen.append(len(x))
+            return torch.where(torch.isin(torch.arange(len(x)), torch.tensor(values)).view(-1, 1, 1, 1), 1.0, x)
+        return attack
+
+    judge = lambda x: x.flatten().long()  # noqa: E731  predicts the pixel value
+    adversarial, robust = attack_chain({"a": flip([0]), "b": flip([0, 1])}, judge, images, labels)
+    # Image 5 is wrong when clean; "a" fools image 0; "b" sees the 4 left and fools the first two of them.
+    assert seen == [5, 4]
+    assert robust["a"].tolist() == [False, True, True, True, True, False]
+    assert robust["b"].tolist() == [False, False, False, True, True, False]
+    assert adversarial.flatten().tolist() == [1, 1, 1, 0, 0, 0]
+
+
+def test_strong_attacks_are_at_least_as_strong_as_weak_ones(trained):
+    """Carlini et al. 2019's sanity checks: PGD ≤ FGSM, more steps ≤ fewer, larger ε ≤ smaller,
+    the ensemble ≤ each member alone, and a large ε leaves nothing."""
+    net, images, labels = trained
+    eps = 2 / 255
+    accuracy = {"fgsm": _accuracy(net, run_attack(fgsm(net, eps), images, labels), labels)}
+    for steps in (3, 20):
+        accuracy[f"pgd{steps}"] = _accuracy(net, run_attack(pgd(net, eps, steps), images, labels), labels)
+    assert _accuracy(net, images, labels) > 0.8 and accuracy["fgsm"] > 0.1  # something to attack
+    assert accuracy["pgd20"] <= accuracy["pgd3"] <= accuracy["fgsm"]
+    by_eps = [_accuracy(net, run_attack(pgd(net, e / 255, 10), images, labels), labels) for e in (0.5, 1, 2, 4)]
+    assert by_eps == sorted(by_eps, reverse=True)
+    assert _accuracy(net, run_attack(pgd(net, 64 / 255, 10), images, labels), labels) <= 0.01
+
+    judge = lambda x: predicted_labels(net, x)  # noqa: E731
+    members = {name: lambda x, y, name=name: run_attack(ensemble_member(name, net, eps), x, y)
+               for name in ("apgd-ce", "apgd-t")}
+    _, robust = attack_chain(members, judge, images[:64], labels[:64])
+    alone = {name: _accuracy(net, attack(images[:64], labels[:64]), labels[:64]) for name, attack in members.items()}
+    assert robust["apgd-t"].float().mean() <= min(alone.values())
+    restarts = pgd_with_restarts(net, eps, steps=5, restarts=3)
+    assert _accuracy(net, restarts(images, labels), labels) <= accuracy["pgd3"] + 1 / 128
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: fgsm(m, eps=-0.1), "eps=-0.1 must be in"),
+    (lambda m: fgsm(m, eps=float("nan")), "eps=nan must be in"),
+    (lambda m: pgd(m, steps=0), "steps=0 must be an integer >= 1"),
+    (lambda m: ensemble_member("apgd-x", m, 0.03), "unknown attack 'apgd-x'"),
+])
+def test_bad_attack_values_are_refused_naming_the_field(model, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(model)

@@ -3,7 +3,8 @@
 import pandas as pd
 import pytest
 
-from tests.helpers import CONFIG, run_cli, scalars
+from tests.conftest import small_subset
+from tests.helpers import callback_args, run_cli, scalars, write_config
 
 DEFENSES = ["gaussian_k3", "jpeg_q30", "median_k3", "tv_w0.1"]
 MODELS = ["fp32", "int8_dynamic", "int8_static"]
@@ -50,8 +51,57 @@ def test_figures_are_written_and_logged(tested_run):
     assert any(tag.startswith("test/results") for tag in events.Tags()["tensors"])
 
 
-def test_ddp_test_run_counts_each_image_once_and_matches_one_process(cifar_slice, fitted_run, tested_run, tmp_path):
-    run_cli("test", "--config", str(CONFIG), "--data.data_dir", str(cifar_slice), "--data.batch_size", "100",
+def test_strong_attacks_run_on_the_subset_and_their_masks_recompute_the_table(tested_run):
+    table = pd.read_csv(tested_run / "results.csv").set_index(["model", "input"])
+    masks = pd.read_csv(tested_run / "robust_masks.csv")
+    assert len(masks) == 64 and masks["index"].is_unique and masks["label"].value_counts().max() <= 7  # stratified
+    strong = [f"fp32/{name}" for name in ["pgd", "apgd-ce", "apgd-t", *[f"adaptive/{d}" for d in DEFENSES]]]
+    strong += [f"{model}/{name}" for model in MODELS[1:] for name in ("transfer", "whitebox")]
+    assert set(strong) <= set(masks.columns)
+    for column in strong:
+        model, name = column.split("/", 1)
+        assert table.loc[(model, name), "images"] == 64
+        assert table.loc[(model, name), "acc"] == pytest.approx(masks[column].mean()), column
+    # The chain: an image robust under an attack survived every attack before it.
+    assert (masks["fp32/apgd-t"] <= masks["fp32/apgd-ce"]).all() and (masks["fp32/apgd-ce"] <= masks["fp32/pgd"]).all()
+    assert table.loc[("fp32", "pgd"), "worst_of"] == "fgsm+pgd"
+    assert table.loc[("fp32", "adaptive/jpeg_q30"), "threat"] == "adaptive"
+    assert table.loc[("int8_static", "whitebox"), "threat"] == "white-box (surrogate)"
+    summary = pd.read_csv(tested_run / "summary.csv").set_index("model")
+    assert summary.loc["int8_dynamic", "surrogate_agreement"] >= 0.99
+    assert summary.loc["int8_static", "surrogate_agreement"] >= 0.99
+
+
+def _switched(config: dict, on: bool) -> None:
+    ensemble = ["apgd-ce", "apgd-t", "fab-t", "square"] if on else ["apgd-ce", "apgd-t"]
+    small_subset(config, strong_attacks=on, adaptive=on, ensemble=ensemble)
+    callback_args(config, "QuantizationEvaluation")["whitebox"] = on
+
+
+@pytest.mark.parametrize("on", [False, True], ids=["all off", "all on"])
+def test_optional_attacks_leave_every_other_number_identical(cifar_slice, fitted_run, tested_run, tmp_path, on):
+    """Switching the strong attacks, the adaptive attacks, the int8 white-box attack or more ensemble
+    members on or off changes only the rows they own: the attacks restore the model and the random
+    stream exactly."""
+    config = write_config(tmp_path, lambda c: _switched(c, on))
+    run_cli("test", "--config", str(config), "--data.data_dir", str(cifar_slice), "--data.batch_size", "128",
+            "--ckpt_path", str(fitted_run / "checkpoints" / "best.ckpt"), "--trainer.enable_progress_bar", "false",
+            cwd=tmp_path)
+    switched = pd.read_csv(tmp_path / "lightning_logs" / "version_0" / "results.csv").set_index(["model", "input"])
+    default = pd.read_csv(tested_run / "results.csv").set_index(["model", "input"])
+    shared = default.index.intersection(switched.index)
+    assert len(shared) == min(len(default), len(switched))  # one run's rows are a subset of the other's
+    pd.testing.assert_frame_equal(switched.loc[shared, ["acc", "attack_success"]], default.loc[shared, ["acc", "attack_success"]])
+    if on:
+        assert {("fp32", "fab-t"), ("fp32", "square")} <= set(switched.index)
+        assert (switched.loc[("fp32", "square"), "acc"] <= switched.loc[("fp32", "apgd-t"), "acc"]).all()
+    else:
+        assert ("fp32", "pgd") not in switched.index and not (tmp_path / "lightning_logs" / "version_0" / "robust_masks.csv").exists()
+
+
+def test_ddp_test_run_counts_each_image_once_and_matches_one_process(cifar_slice, fitted_run, tested_run, test_config,
+                                                                      tmp_path):
+    run_cli("test", "--config", str(test_config), "--data.data_dir", str(cifar_slice), "--data.batch_size", "100",
             "--ckpt_path", str(fitted_run / "checkpoints" / "best.ckpt"), "--trainer.enable_progress_bar", "false",
             "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
             cwd=tmp_path)
@@ -60,6 +110,8 @@ def test_ddp_test_run_counts_each_image_once_and_matches_one_process(cifar_slice
     ddp, single = scalars(ddp_run), scalars(tested_run)
     for model in MODELS:
         assert ddp[f"test/{model}/images"] == [256]  # 2 ranks × uneven shards (100 + 28 each), no repeats
-    for tag in ("clean/acc", "fgsm/acc", "fgsm/attack_success", "fgsm/median_k3/acc"):
+    for tag in ("clean/acc", "fgsm/acc", "fgsm/attack_success", "fgsm/median_k3/acc", "subset/images"):
         assert ddp[f"test/fp32/{tag}"] == pytest.approx(single[f"test/fp32/{tag}"], abs=1e-6), tag
+    # Random starts are drawn per batch, and each rank batches its own share of the subset: close, not equal.
+    assert ddp["test/fp32/apgd-t/acc"] == pytest.approx(single["test/fp32/apgd-t/acc"], abs=4 / 64)
     assert (ddp_run / "results.csv").is_file() and (ddp_run / "samples_grid.png").is_file()

@@ -15,7 +15,13 @@ from callbacks.robustness import RobustnessEvaluation
 from cifar_lightning.data import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, load_cifar10
 from cifar_lightning.models import ImprovedCNN, Normalized
 from cifar_lightning.module import ClassifierModule
-from cifar_lightning.quantization import cpu_latency, quantize_dynamic_linear, quantize_static, state_dict_megabytes
+from cifar_lightning.quantization import (
+    cpu_latency,
+    fake_quant_surrogate,
+    quantize_dynamic_linear,
+    quantize_static,
+    state_dict_megabytes,
+)
 from tests.helpers import SHARED_CIFAR10
 
 
@@ -109,6 +115,22 @@ def test_int8_models_agree_with_fp32_on_real_test_images(briefly_trained):
     # images. Calibrating on 0-255 images instead of [0, 1] gives 0.08.
     assert agreement["dynamic"] >= 0.95, agreement
     assert agreement["static"] >= 0.75, agreement
+
+
+def test_the_fake_quant_surrogate_agrees_with_its_int8_model_and_has_gradients(briefly_trained):
+    """Built under inference mode, as in a test run; it holds the int8 model's own scales and
+    zero points, so it predicts what the int8 model predicts, and a gradient reaches the image."""
+    model, test = briefly_trained["model"], briefly_trained["test"]
+    with torch.inference_mode():
+        int8 = {"dynamic": quantize_dynamic_linear(model), "static": quantize_static(model, briefly_trained["calibration"])}
+        surrogates = {name: fake_quant_surrogate(quantized) for name, quantized in int8.items()}
+    for name, surrogate in surrogates.items():
+        with torch.inference_mode():
+            agreement = torch.cat([surrogate(b).argmax(1) == int8[name](b).argmax(1) for b in test.split(128)])
+        assert agreement.float().mean() >= 0.99, name
+        images = test[:8].clone().requires_grad_(True)
+        surrogate(images).logsumexp(dim=1).sum().backward()
+        assert images.grad.abs().sum() > 0 and not any(p.requires_grad for p in surrogate.parameters())
 
 
 class _WarnsWhenSetToEval(nn.Identity):
