@@ -1,13 +1,17 @@
 """ClassifierModule: trains any image classifier on [0, 1] CIFAR-10 batches."""
 
 import math
+from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from cifar_lightning.adversarial import TrainingAttack
+from cifar_lightning.attacks import fgsm, pgd, run_attack
 from cifar_lightning.data import CIFAR10_MEAN, CIFAR10_STD
 from cifar_lightning.models import ImprovedCNN, Normalized
 
@@ -17,7 +21,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class ClassifierModule(L.LightningModule):
-    """Cross-entropy training of ``network`` with AdamW and ReduceLROnPlateau on ``val/loss``.
+    """Cross-entropy training of ``network``: AdamW or SGD (Nesterov), with ReduceLROnPlateau on
+    ``val/loss`` or a one-cycle learning rate (Smith & Topin 2019) over the whole fit.
 
     ``self.net`` is ``Normalized(network)``: it takes images in [0, 1], which is what the data
     module yields and what attacks and defenses need. Weights and inputs use channels_last, the
@@ -26,11 +31,24 @@ class ClassifierModule(L.LightningModule):
     Args:
         network: the classifier, taking normalised (N, 3, 32, 32) images; ImprovedCNN by default.
         num_classes: outputs of ``network`` (used when it is None).
-        lr: AdamW learning rate.
-        weight_decay: AdamW decoupled weight decay.
+        lr: the learning rate; with ``schedule="onecycle"`` its peak.
+        weight_decay: AdamW's decoupled weight decay, or SGD's L2 penalty.
         label_smoothing: cross-entropy label smoothing of the training loss (val/test use none).
+        optimizer: ``adamw``, or ``sgd`` (Nesterov momentum).
+        momentum: SGD momentum (unused by AdamW).
+        schedule: ``plateau`` (ReduceLROnPlateau on ``val/loss``, per epoch) or ``onecycle``
+            (OneCycleLR, per step, over ``trainer.max_epochs``; warm-up then cosine annealing).
         plateau_factor: ReduceLROnPlateau multiplies the learning rate by this ...
         plateau_patience: ... after this many epochs without a lower ``val/loss``.
+        warmup_fraction: share of the one-cycle steps spent raising the learning rate to ``lr``.
+        adversarial: train on adversarial examples (``adversarial.TrainingAttack``): ``none`` (the
+            standard recipe), ``fgsm_rs``, ``n_fgsm`` or ``pgd``.
+        adversarial_eps, adversarial_alpha, adversarial_steps: its budget (L∞, pixel scale), step
+            size (null: the method's default) and PGD steps.
+        val_attack_images: validation images (the first of the fixed split) attacked every
+            epoch at ``adversarial_eps`` to log ``val/fgsm_acc`` and ``val/pgd_acc`` (PGD-10); 0: off.
+            Catastrophic overfitting (``val/pgd_acc`` collapsing while ``val/fgsm_acc`` climbs)
+            stops the fit; the best checkpoint keeps the last good weights.
     """
 
     def __init__(
@@ -40,8 +58,17 @@ class ClassifierModule(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         label_smoothing: float = 0.1,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        momentum: float = 0.9,
+        schedule: Literal["plateau", "onecycle"] = "plateau",
         plateau_factor: float = 0.3,
         plateau_patience: int = 2,
+        warmup_fraction: float = 0.25,
+        adversarial: Literal["none", "fgsm_rs", "n_fgsm", "pgd"] = "none",
+        adversarial_eps: float = 8 / 255,
+        adversarial_alpha: float | None = None,
+        adversarial_steps: int = 10,
+        val_attack_images: int = 0,
     ) -> None:
         super().__init__()
         for name, value, valid, rule in [
@@ -50,19 +77,27 @@ class ClassifierModule(L.LightningModule):
             ("label_smoothing", label_smoothing, 0.0 <= label_smoothing < 1.0, "in [0, 1), e.g. 0.1"),
             ("plateau_factor", plateau_factor, 0.0 < plateau_factor < 1.0, "in (0, 1), e.g. 0.3"),
             ("plateau_patience", plateau_patience, plateau_patience >= 0, ">= 0 epochs, e.g. 2"),
+            ("optimizer", optimizer, optimizer in ("adamw", "sgd"), "'adamw' or 'sgd'"),
+            ("momentum", momentum, 0.0 <= momentum < 1.0, "in [0, 1), e.g. 0.9"),
+            ("schedule", schedule, schedule in ("plateau", "onecycle"), "'plateau' or 'onecycle'"),
+            ("warmup_fraction", warmup_fraction, 0.0 < warmup_fraction < 1.0, "in (0, 1), e.g. 0.25"),
+            ("val_attack_images", val_attack_images, val_attack_images >= 0, ">= 0, e.g. 1000 (0: off)"),
         ]:
             if not valid:
                 raise ValueError(f"ClassifierModule: {name}={value} must be {rule}")
         self.save_hyperparameters()  # before `network` is filled in: it reads the arguments as given
         network = network if network is not None else ImprovedCNN(num_classes)
         self.net = Normalized(network, CIFAR10_MEAN, CIFAR10_STD).to(memory_format=torch.channels_last)
+        self.training_attack = TrainingAttack(adversarial, adversarial_eps, adversarial_alpha, adversarial_steps)
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_{name}": metric
                 for stage in ("train", "val", "test")
                 for name, metric in (("loss", MeanMetric()), ("acc", MulticlassAccuracy(num_classes, average="micro")))
             }
+            | {f"val_{attack}_acc": MulticlassAccuracy(num_classes, average="micro") for attack in ("fgsm", "pgd")}
         )
+        self.best_pgd_acc = 0.0  # for catastrophic overfitting; kept in checkpoints
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits for images in [0, 1] of shape (N, 3, H, W)."""
@@ -81,7 +116,9 @@ class ClassifierModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self._step(batch, "train")
+        images, labels = batch
+        images = self.training_attack(self.net, images.contiguous(memory_format=torch.channels_last), labels)
+        loss = self._step((images, labels), "train")
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}. "
@@ -94,18 +131,60 @@ class ClassifierModule(L.LightningModule):
         # in, as the metrics may be missing. When that epoch did validate, step ReduceLROnPlateau here, so
         # a run resumed mid-epoch follows the schedule of one never interrupted.
         val_loss = self.trainer.callback_metrics.get("val/loss")
-        if self.trainer.fit_loop.restarting and val_loss is not None:
+        if self.hparams.schedule == "plateau" and self.trainer.fit_loop.restarting and val_loss is not None:
             self.lr_schedulers().step(val_loss)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
+        attacked = self.hparams.val_attack_images - batch_idx * self.trainer.val_dataloaders.batch_size
+        if attacked > 0:
+            images, labels = batch[0][:attacked], batch[1][:attacked]
+            eps = self.hparams.adversarial_eps
+            for name, attack in (("fgsm", fgsm(self.net, eps)), ("pgd", pgd(self.net, eps, steps=10))):
+                metric = self.metrics[f"val_{name}_acc"]
+                metric.update(self(run_attack(attack, images, labels)), labels)
+                self.log(f"val/{name}_acc", metric, on_step=False, on_epoch=True, prog_bar=name == "pgd",
+                         batch_size=len(labels))
+
+    def on_validation_epoch_end(self) -> None:
+        """Catastrophic overfitting (Wong et al. 2020): robustness to PGD collapses within an epoch while
+        FGSM accuracy climbs, and does not come back. Stop; the best checkpoint holds the weights before."""
+        metrics = self.trainer.callback_metrics
+        if self.trainer.sanity_checking or "val/pgd_acc" not in metrics:
+            return
+        pgd_acc, fgsm_acc = metrics["val/pgd_acc"].item(), metrics["val/fgsm_acc"].item()
+        collapsed = self.best_pgd_acc > 0.1 and pgd_acc < self.best_pgd_acc / 2 and fgsm_acc > 2 * pgd_acc
+        self.log("val/catastrophic_overfitting", float(collapsed), sync_dist=True)
+        self.best_pgd_acc = max(self.best_pgd_acc, pgd_acc)
+        if collapsed and self.trainer.training:
+            rank_zero_warn(f"catastrophic overfitting at epoch {self.current_epoch}: val/pgd_acc fell to {pgd_acc:.3f} "
+                           f"(best {self.best_pgd_acc:.3f}) while val/fgsm_acc is {fgsm_acc:.3f}; stopping. The best "
+                           f"checkpoint keeps the last good weights.")
+            self.trainer.should_stop = True
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["best_pgd_acc"] = self.best_pgd_acc
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.best_pgd_acc = checkpoint.get("best_pgd_acc", 0.0)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0,
+                                        weight_decay=hp.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.schedule == "onecycle":
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=hp.lr, total_steps=self.trainer.estimated_stepping_batches, pct_start=hp.warmup_fraction,
+                cycle_momentum=hp.optimizer == "adamw" or hp.momentum > 0,
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=self.hparams.plateau_factor, patience=self.hparams.plateau_patience
+            optimizer, mode="min", factor=hp.plateau_factor, patience=hp.plateau_patience
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
