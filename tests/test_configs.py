@@ -44,3 +44,27 @@ def test_bad_data_dir_exits_with_one_clear_line(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"cifar-lightning: error: data folder {tmp_path / 'missing'} does not exist" in result.stderr
+
+
+FAST = CONFIG.with_name("fast.yaml")
+ADVERSARIAL = CONFIG.with_name("adversarial.yaml")
+
+
+def test_fast_and_adversarial_configs_layer_over_the_default(tmp_path):
+    fast = _printed_config(tmp_path, "--config", str(FAST))
+    assert (fast["model"]["optimizer"], fast["model"]["schedule"], fast["model"]["lr"]) == ("sgd", "onecycle", 0.1)
+    assert fast["model"]["adversarial"] == "none" and callback_args(fast, "RobustnessEvaluation")["eps"] == 0.03
+    adversarial = _printed_config(tmp_path, "--config", str(ADVERSARIAL))
+    assert adversarial["model"]["adversarial"] == "n_fgsm" and adversarial["model"]["val_attack_images"] == 1000
+    assert callback_args(adversarial, "ModelCheckpoint", filename="best")["monitor"] == "val/pgd_acc"
+    assert callback_args(adversarial, "RobustnessEvaluation")["eps"] == adversarial["model"]["adversarial_eps"]
+
+
+def test_the_one_cycle_schedule_steps_every_batch_over_the_whole_fit(cifar_slice, tmp_path):
+    import torch
+
+    run_cli(*quick_fit_args(cifar_slice, "--config", str(FAST), "--trainer.max_epochs", "2"), cwd=tmp_path)
+    checkpoint = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    schedule = checkpoint["lr_schedulers"][0]
+    assert schedule["total_steps"] == 2 * 9 and schedule["last_epoch"] == 2 * 9  # per step, the whole fit
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["nesterov"]
