@@ -7,7 +7,16 @@ import torch
 from torch import nn
 
 from cifar_lightning.defenses import JpegCompression, MedianFilter
-from cifar_lightning.evaluation import AttackSuccessRate, AttackSuite, RobustnessMetrics, predict, scalar_tags
+from cifar_lightning.evaluation import (
+    AttackSuccessRate,
+    AttackSuite,
+    RobustAccuracy,
+    RobustnessMetrics,
+    StrongAttacks,
+    predict,
+    scalar_tags,
+    stratified_subset,
+)
 
 
 def test_attack_success_counts_only_images_that_were_right_when_clean():
@@ -51,17 +60,50 @@ def test_metrics_on_known_predictions():
 def test_suite_makes_each_input_kind_once_and_describes_it():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()
-    suite = AttackSuite(0.03, [JpegCompression(30), MedianFilter(3)], eps_sweep=[2 / 255], pgd_steps=2, bpda=True)
+    suite = AttackSuite(0.03, [JpegCompression(30), MedianFilter(3)], eps_sweep=[2 / 255])
     images, labels = torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,))
     inputs = suite(model, images, labels)
     assert set(inputs) == set(suite.input_names)
-    assert {"fgsm_eps0.0078/median_k3", "pgd", "bpda/jpeg_q30"} <= set(inputs)
+    assert {"fgsm_eps0.0078/median_k3", "clean/jpeg_q30"} <= set(inputs)
     assert (inputs["fgsm"] - images).abs().max() <= 0.03 + 1e-6
     torch.testing.assert_close(inputs["fgsm/jpeg_q30"], JpegCompression(30)(inputs["fgsm"]))
-    assert suite.describe("fgsm/jpeg_q30") == {"attack": "FGSM", "eps": 0.03, "defense": "jpeg_q30", "adaptive": False}
-    assert suite.describe("fgsm_eps0.0078") == {"attack": "FGSM", "eps": 0.0078, "defense": "none", "adaptive": False}
-    assert suite.describe("bpda/median_k3")["adaptive"]
-    assert set(suite.timer.seconds) >= {"fgsm", "defense jpeg_q30", "pgd", "bpda median_k3"}
+    assert suite.describe("fgsm/jpeg_q30") == {"attack": "FGSM", "eps": 0.03, "steps": 1, "restarts": 1,
+                                               "defense": "jpeg_q30", "threat": "non-adaptive"}
+    assert suite.describe("fgsm_eps0.0078")["eps"] == 0.0078 and suite.describe("clean")["threat"] == "none"
+    assert set(suite.timer.seconds) >= {"fgsm", "defense jpeg_q30", "fgsm (ε sweep)"}
     probabilities = predict(model, inputs)
     assert probabilities["clean"].shape == (6, 10)
     torch.testing.assert_close(probabilities["clean"].sum(1), torch.ones(6))
+
+
+def test_the_subset_is_stratified_seeded_and_sorted():
+    labels = torch.arange(10).repeat_interleave(50)[torch.randperm(500, generator=torch.Generator().manual_seed(1))]
+    subset = stratified_subset(labels, 103, seed=0)
+    assert len(subset) == 103 and subset.unique().numel() == 103 and torch.equal(subset, subset.sort().values)
+    counts = labels[subset].bincount(minlength=10)
+    assert counts.max() - counts.min() <= 1
+    assert torch.equal(subset, stratified_subset(labels, 103, seed=0))
+    assert not torch.equal(subset, stratified_subset(labels, 103, seed=1))
+    assert torch.equal(stratified_subset(labels, None), torch.arange(500))
+
+
+def test_strong_attacks_describe_their_rows_and_start_where_fgsm_left_off():
+    strong = StrongAttacks(0.03, [MedianFilter(3)], eps_sweep=[2 / 255], pgd_steps=5, ensemble=["apgd-ce"])
+    assert strong.input_names == ["pgd", "apgd-ce", "pgd_eps0.0078", "adaptive/median_k3"]
+    assert strong.describe("apgd-ce")["worst_of"] == "fgsm+pgd+apgd-ce"
+    assert strong.describe("adaptive/median_k3")["threat"] == "adaptive"
+    assert (strong.describe("pgd_eps0.0078")["steps"], strong.describe("pgd_eps0.0078")["eps"]) == (5, 0.0078)
+    target = torch.tensor([0, 1, 2, 3])
+    standing = strong.standing({"clean": _one_hot([0, 1, 2, 9]), "fgsm": _one_hot([0, 5, 2, 3]),
+                                "fgsm_eps0.0078": _one_hot([0, 1, 2, 3]), "clean/median_k3": _one_hot([0, 1, 9, 3]),
+                                "fgsm/median_k3": _one_hot([0, 1, 2, 3])}, target)
+    assert standing["fgsm"].tolist() == [True, False, True, False]  # right when clean and after FGSM
+    assert standing["fgsm/median_k3"].tolist() == [True, True, False, True]
+
+
+def test_robust_accuracy_from_masks():
+    metric = RobustAccuracy(["pgd"], torch.device("cpu"))
+    metric.update({"clean": torch.tensor([True, True, False, True]), "pgd": torch.tensor([True, False, False, False])})
+    results = metric.compute()
+    assert results["acc"] == {"pgd": 0.25} and results["images"] == 4 and results["clean_acc"] == 0.75
+    assert results["attack_success"]["pgd"] == pytest.approx(2 / 3)
