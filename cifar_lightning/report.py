@@ -15,8 +15,8 @@ from torch import Tensor  # noqa: E402
 from cifar_lightning.data import CLASSES  # noqa: E402
 
 NON_ADAPTIVE_NOTE = (
-    "`threat`: non-adaptive rows are FGSM crafted on the undefended FP32 model, then the defense: an "
-    "attacker who does not know the defense. The strong attacks run on the subset of `images`; each row "
+    "`threat`: non-adaptive rows are FGSM crafted on the undefended FP32 model, then the defense: a "
+    "non-adaptive attacker, who does not know the defense. The strong attacks run on the subset of `images`; each row "
     "counts an image as robust only if it survived every attack in `worst_of`. Adaptive rows attack "
     "through the defense (its exact gradient where it has one, the identity where not: BPDA). int8 "
     "`transfer` rows score the FP32 model's adversarial images; `white-box (surrogate)` rows attack a "

@@ -115,3 +115,30 @@ def test_ddp_test_run_counts_each_image_once_and_matches_one_process(cifar_slice
     # Random starts are drawn per batch, and each rank batches its own share of the subset: close, not equal.
     assert ddp["test/fp32/apgd-t/acc"] == pytest.approx(single["test/fp32/apgd-t/acc"], abs=4 / 64)
     assert (ddp_run / "results.csv").is_file() and (ddp_run / "samples_grid.png").is_file()
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"pgd_steps": 0}, "pgd_steps=0 must be an integer >= 1"),
+    ({"pgd_restarts": 0}, "pgd_restarts=0 must be an integer >= 1"),
+    ({"subset": 0}, "subset=0 must be an integer >= 1"),
+    ({"ensemble": ["apgd-ce", "autoattack"]}, "unknown attack 'autoattack'; choose from apgd-ce, apgd-t, fab-t, square"),
+    ({"eps": float("nan")}, "eps=nan must be in"),
+])
+def test_bad_strong_attack_values_are_refused_naming_the_field(value, message):
+    from callbacks.robustness import RobustnessEvaluation
+
+    with pytest.raises(ValueError, match=f"RobustnessEvaluation: {message}"):
+        RobustnessEvaluation(**value)
+
+
+def test_a_subset_larger_than_the_test_set_stops_with_one_line(cifar_slice, fitted_run, tmp_path):
+    import subprocess
+
+    from tests.helpers import CLI
+
+    config = write_config(tmp_path, lambda c: small_subset(c, subset=257))  # the slice has 256 test images
+    result = subprocess.run([*CLI, "test", "--config", str(config), "--data.data_dir", str(cifar_slice),
+                             "--ckpt_path", str(fitted_run / "checkpoints" / "best.ckpt")],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "RobustnessEvaluation: subset=257 is larger than the test set (256 images)" in result.stderr
