@@ -22,7 +22,8 @@ def load_checkpoint(path: str | Path) -> dict:
     """The checkpoint at ``path`` as a dict with a ``state_dict``, loaded on the CPU, weights only."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist. Fix: pass the path of a .ckpt file, e.g. "
+        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {problem}. Fix: pass the path of a .ckpt file, e.g. "
                               f"lightning_logs/version_0/checkpoints/best.ckpt, or --ckpt_path last.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -40,6 +41,12 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no `state_dict` in it). Fix: pass a .ckpt "
                               f"file written by cifar-lightning fit.")
+    broken = [name for name, tensor in checkpoint["state_dict"].items()
+              if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not tensor.isfinite().all()]
+    if broken:
+        shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        raise CheckpointError(f"{path} holds NaN or infinite weights ({shown}): the run that saved them diverged. "
+                              f"Fix: pass a checkpoint with finite weights, e.g. that run's best.ckpt.")
     return checkpoint
 
 

@@ -1,10 +1,15 @@
 """The ``cifar-lightning`` command: LightningCLI with fit / validate / test / predict."""
 
+import logging
+import re
 import sys
+import warnings
+from argparse import ArgumentError
 from pathlib import Path
 
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from cifar_lightning.checkpoints import (
@@ -20,11 +25,15 @@ from cifar_lightning.module import ClassifierModule, NonFiniteLossError
 
 
 class ConfigError(ValueError):
-    """A configuration value is out of range; the message names the field."""
+    """A configuration value cannot work; the message names the field and the fix."""
 
 
 # Errors whose message already says what is wrong and how to fix it: no traceback for these.
 USER_ERRORS = (CIFAR10DataError, CheckpointError, ConfigError, NonFiniteLossError)
+
+# The loops each subcommand runs: a limit of 0 batches on one of them would run nothing, then exit 0.
+_LOOPS = {"fit": {"train": "training", "val": "validation"}, "validate": {"val": "validation"},
+          "test": {"test": "test"}, "predict": {"predict": "prediction"}}
 
 
 @rank_zero_only
@@ -33,15 +42,61 @@ def _note(message: str) -> None:
     print(f"cifar-lightning: {message}", file=sys.stderr)
 
 
+def _first_reason(message: str) -> str:
+    """jsonargparse's parse error, many lines long, as one: the keys and class paths down to the first
+    reason, without the other subtypes of a union and the value it was given."""
+    names = []
+    for line in message.splitlines():
+        line = line.strip().removeprefix("- ")
+        if found := re.fullmatch(r"Parser key \"(.+?)\":(.*)|Problem with given class_path '(.+)':", line):
+            names.append(found[1] or found[3])
+            line = (found[2] or "").strip()
+        if line and not line.startswith(("Does not validate against any of the Union", "Subtypes:", "Errors:")):
+            return ": ".join([*names, line.rstrip(".")])
+    return ": ".join(names)
+
+
+def _check_trainer(trainer, subcommand: str) -> None:
+    """Refuse trainer values that would make Lightning run nothing (and exit 0) or divide by zero mid-run."""
+    for loop, batches in _LOOPS[subcommand].items():
+        if trainer[f"limit_{loop}_batches"] == 0:
+            raise ConfigError(f"invalid configuration: Trainer: limit_{loop}_batches=0 leaves {subcommand} no "
+                              f"{batches} batch to run. Fix: a count of batches (2 or more), a fraction such as 0.1, "
+                              f"or leave it out for all of them.")
+    if subcommand != "fit":
+        return
+    for name in ("max_epochs", "max_steps"):
+        if trainer[name] == 0:
+            raise ConfigError(f"invalid configuration: Trainer: {name}=0 leaves fit nothing to train. Fix: a positive "
+                              f"number, or -1 for no limit.")
+    # Lightning divides by these.
+    for name in ("accumulate_grad_batches", "check_val_every_n_epoch", "val_check_interval"):
+        if trainer[name] is not None and trainer[name] <= 0:
+            raise ConfigError(f"invalid configuration: Trainer: {name}={trainer[name]} must be > 0. Fix: a positive "
+                              f"number, or leave it out for Lightning's default.")
+
+
 class CifarLightningCLI(LightningCLI):
+    def init_parser(self, **kwargs):
+        # A parse error raises, for main() to report on one line, instead of printing every option's usage.
+        return super().init_parser(exit_on_error=False, **kwargs)
+
     def parse_arguments(self, parser, args) -> None:
-        """After parsing, and before Lightning reads the checkpoint's hyperparameters: resolve
-        ``--ckpt_path last``, refuse an unreadable or unsafe checkpoint, and resume a fit in place."""
+        """After parsing, and before Lightning seeds and reads the checkpoint's hyperparameters: refuse a
+        seed or runs folder that cannot work, resolve ``--ckpt_path last``, refuse a missing, unreadable or
+        unsafe checkpoint, and resume a fit in place."""
         super().parse_arguments(parser, args)
         self._checkpoint = None
         subcommand = self.config.subcommand
         config = self.config[subcommand]
+        if not 0 <= config.seed_everything < 2**32:  # numpy's range; a bool (true: a random seed) is 0 or 1
+            raise ConfigError(f"invalid configuration: seed_everything={config.seed_everything} must be in "
+                              f"[0, 2**32), e.g. 0")
         runs_dir = self._runs_dir(config.trainer)
+        file = next((folder for folder in (runs_dir, *runs_dir.parents) if folder.is_file()), None)
+        if file is not None:
+            raise ConfigError(f"invalid configuration: runs are written into {runs_dir}, but {file} is a file. Fix: "
+                              f"point --trainer.logger.init_args.save_dir (or --trainer.default_root_dir) at a folder.")
         if config.ckpt_path == "last":
             config.ckpt_path = self._latest_last_checkpoint(runs_dir, subcommand)
         if config.ckpt_path:
@@ -49,9 +104,14 @@ class CifarLightningCLI(LightningCLI):
             if subcommand == "fit":
                 check_resumable(self._checkpoint, config.ckpt_path)
                 self._resume_in_place(config.trainer, runs_dir, Path(config.ckpt_path))
+        elif subcommand != "fit":
+            raise CheckpointError(f"{subcommand} needs --ckpt_path: without it, it would evaluate an untrained "
+                                  f"network. Fix: pass a checkpoint, e.g. weights/improvedcnn_cifar10.ckpt or a run's "
+                                  f"best.ckpt, or --ckpt_path last.")
 
     def before_instantiate_classes(self) -> None:
         trainer = self.config[self.subcommand].trainer
+        _check_trainer(trainer, self.subcommand)
         if trainer.precision is None:
             # AMP (16-mixed) where it pays, on CUDA; 32-bit elsewhere (CPU bf16 autocast is many times slower).
             on_cuda = torch.cuda.is_available() and trainer.accelerator in ("auto", "gpu", "cuda")
@@ -114,7 +174,21 @@ class CifarLightningCLI(LightningCLI):
     before_fit = before_validate = before_test = before_predict = _check_checkpoint
 
 
+def _fail(message: str) -> None:
+    print(f"cifar-lightning: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _no_advert(record: logging.LogRecord) -> bool:
+    """Lightning's advertisement for its cloud logger is none of the project's information."""
+    return "litlogger" not in record.getMessage()
+
+
 def main(args: list[str] | None = None) -> None:
+    # The terminal shows the project's information only: not Lightning's advertisement for its cloud
+    # logger, nor a deprecation warning that Lightning's own code triggers in torch.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_advert)
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
     try:
         CifarLightningCLI(
             ClassifierModule,
@@ -124,8 +198,14 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except USER_ERRORS as err:
-        print(f"cifar-lightning: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(err))
+    except MisconfigurationException as err:  # Lightning's own checks of its settings
+        _fail(f"invalid configuration: {err}")
+    except ArgumentError as err:  # the parser's: unknown options, values of the wrong type
+        subcommand = [arg for arg in (sys.argv[1:] if args is None else args) if arg in _LOOPS][:1]
+        command = " ".join(["cifar-lightning", *subcommand])
+        _fail(f"invalid configuration: {_first_reason(str(err))}. Fix: `{command} --help` lists the options and "
+              f"their types.")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ float [0, 1] on the device. Normalisation is the model's first layer (``models.N
 every image a user, an attack or a defense handles is in pixel space.
 """
 
+import math
 import zipfile
 from pathlib import Path
 
@@ -28,7 +29,8 @@ _FIX = (
 
 
 class CIFAR10DataError(ValueError):
-    """The data folder is missing, unreadable or malformed; the message says how to fix it."""
+    """The data folder is missing, unreadable, malformed or too small for the configured split and batch;
+    the message says how to fix it."""
 
 
 def to_uint8_hwc(images: Tensor) -> np.ndarray:
@@ -46,30 +48,40 @@ def _check_arrays(images: np.ndarray, labels: np.ndarray, source: str) -> None:
         raise CIFAR10DataError(
             f"{source}: `images` is {images.dtype} {images.shape}, expected uint8 (N, 32, 32, 3). {_FIX}"
         )
+    if len(images) == 0:
+        raise CIFAR10DataError(f"{source} holds no images (`images` is {images.shape}). {_FIX}")
     if labels.shape != (len(images),):
         raise CIFAR10DataError(
             f"{source}: `labels` has shape {labels.shape}, expected ({len(images)},). {_FIX}"
         )
-    if not np.issubdtype(labels.dtype, np.integer) or labels.size and (labels.min() < 0 or labels.max() > 9):
-        bad = labels[(labels < 0) | (labels > 9)][:5] if np.issubdtype(labels.dtype, np.number) else labels[:5]
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise CIFAR10DataError(f"{source}: labels must be integers 0-9, found {labels.dtype} values "
+                               f"{labels[:5].tolist()}. {_FIX}")
+    if labels.min() < 0 or labels.max() > 9:
+        bad = labels[(labels < 0) | (labels > 9)][:5]
         raise CIFAR10DataError(f"{source}: labels must be integers 0-9, found {bad.tolist()}. {_FIX}")
 
 
 def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
-            missing = {"images", "labels"} - set(archive.files)
-            if missing:
-                raise CIFAR10DataError(f"{path}: missing array {sorted(missing)}; it needs `images` and `labels`. {_FIX}")
-            images, labels = archive["images"], archive["labels"]
+            arrays = {name: archive[name] for name in ("images", "labels") if name in archive.files}
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+        if isinstance(err, ValueError) and zipfile.is_zipfile(path):  # an intact archive; numpy refused to unpickle
+            raise CIFAR10DataError(f"{path} stores an array as Python objects, which are not loaded (unpickling "
+                                   f"could run code); `images` and `labels` must be numeric arrays. {_FIX}") from None
         raise CIFAR10DataError(f"{path} is truncated or not an npz archive ({err}). {_FIX}") from None
-    return images, labels
+    missing = {"images", "labels"} - arrays.keys()
+    if missing:
+        raise CIFAR10DataError(f"{path}: missing array {sorted(missing)}; it needs `images` and `labels`. {_FIX}")
+    return arrays["images"], arrays["labels"]
 
 
 def _load_torchvision(data_dir: Path, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
     from torchvision.datasets import CIFAR10
 
+    if data_dir.exists() and not data_dir.is_dir():
+        raise CIFAR10DataError(f"data folder {data_dir} is a file, not a folder. {_FIX}")
     try:
         dataset = CIFAR10(root=str(data_dir), train=train, download=download)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
@@ -91,8 +103,10 @@ def load_cifar10(data_dir: str | Path, train: bool, download: bool = False) -> t
         images, labels = _load_npz(npz)
         source = str(npz)
     else:
-        if not data_dir.is_dir() and not download:
+        if not data_dir.exists() and not download:
             raise CIFAR10DataError(f"data folder {data_dir} does not exist. {_FIX}")
+        if (data_dir / _NPZ_FILES[not train]).is_file() and not download:
+            raise CIFAR10DataError(f"data folder {data_dir} has {_NPZ_FILES[not train]} but no {npz.name}. {_FIX}")
         images, labels = _load_torchvision(data_dir, train, download)
         source = f"torchvision CIFAR-10 in {data_dir}"
     _check_arrays(images, labels, source)
@@ -168,8 +182,22 @@ class CIFAR10DataModule(L.LightningDataModule):
         if stage in ("fit", "validate") and self.train_set is None:
             images, labels = load_cifar10(self.hparams.data_dir, train=True)
             train_idx, val_idx = split_indices(len(labels), self.hparams.val_fraction, self.hparams.split_seed)
+            if len(val_idx) == 0:
+                raise CIFAR10DataError(f"CIFAR10DataModule: val_fraction={self.hparams.val_fraction} of the "
+                                       f"{len(labels)} training images in {self.hparams.data_dir} holds out no "
+                                       f"validation image. Fix: a larger --data.val_fraction, e.g. 0.1.")
             self.train_set = TensorDataset(images[train_idx], labels[train_idx])
             self.val_set = TensorDataset(images[val_idx], labels[val_idx])
+        if stage == "fit":
+            # Training batches drop the last partial one: a batch larger than a process's share of the
+            # split would leave nothing to train on.
+            world_size = self.trainer.world_size if self.trainer is not None else 1
+            images_per_process = math.ceil(len(self.train_set) / world_size)
+            if images_per_process < self.hparams.batch_size:
+                raise CIFAR10DataError(f"CIFAR10DataModule: batch_size={self.hparams.batch_size} is more than the "
+                                       f"{images_per_process} training images each process gets from "
+                                       f"{self.hparams.data_dir}: fit would train on no batch. Fix: a "
+                                       f"--data.batch_size of at most {images_per_process}.")
         if stage in ("test", "predict") and self.test_set is None:
             self.test_set = TensorDataset(*load_cifar10(self.hparams.data_dir, train=False))
 

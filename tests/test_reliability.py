@@ -1,14 +1,14 @@
-"""Faults and bad input: a killed run resumes, bad values and files are refused clearly, runs repeat."""
+"""Faults: a killed run resumes, a diverging one stops, runs repeat and never overwrite each other.
+
+Bad input is in test_errors.py."""
 
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from cifar_lightning.cli import main
 from cifar_lightning.module import ClassifierModule
 from tests.helpers import CLI, CONFIG, callback_args, quick_fit_args, run_cli, scalars, write_config
 
@@ -78,117 +78,6 @@ def test_last_with_no_run_to_resume_starts_a_new_fit_and_fails_a_test(cifar_slic
                           cwd=tmp_path, capture_output=True, text=True)
     assert test.returncode == 2 and "Traceback" not in test.stderr
     assert "--ckpt_path last: no elsewhere/lightning_logs/version_*/checkpoints/last.ckpt" in test.stderr
-
-
-def _cli_error(capsys, *args: str) -> str:
-    """Run the entry point in this process; it must exit 2 with one error line and no traceback."""
-    with pytest.raises(SystemExit) as exit_:
-        main(list(args))
-    assert exit_.value.code == 2
-    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cifar-lightning: error:")]
-    return line
-
-
-@pytest.mark.parametrize(
-    ("callback", "field", "value", "message"),
-    [
-        ("RobustnessEvaluation", "eps", -0.1, "RobustnessEvaluation: eps=-0.1 must be in [0, 1]"),
-        ("RobustnessEvaluation", "eps", 1.5, "RobustnessEvaluation: eps=1.5 must be in [0, 1]"),
-        ("GaussianBlur", "kernel_size", 4, "GaussianBlur: kernel_size=4 must be an odd integer >= 3"),
-        ("MedianFilter", "kernel_size", 1, "MedianFilter: kernel_size=1 must be an odd integer >= 3"),
-        ("JpegCompression", "quality", 0, "JpegCompression: quality=0 must be an integer in 1..95"),
-        ("JpegCompression", "quality", 100, "JpegCompression: quality=100 must be an integer in 1..95"),
-        ("TotalVariationDenoise", "weight", 0.0, "TotalVariationDenoise: weight=0.0 must be a finite number > 0"),
-    ],
-)
-def test_out_of_range_callback_values_are_refused_naming_the_field(capsys, tmp_path, callback, field, value, message):
-    def edit(config):
-        if callback == "RobustnessEvaluation":
-            callback_args(config, callback)[field] = value
-        else:
-            [defense] = [d for d in callback_args(config, "RobustnessEvaluation")["defenses"]
-                         if d["class_path"].endswith(callback)]
-            defense["init_args"][field] = value
-
-    line = _cli_error(capsys, "test", "--config", str(write_config(tmp_path, edit)), "--data.data_dir", str(tmp_path))
-    assert line.startswith(f"cifar-lightning: error: invalid configuration: {message}")
-
-
-@pytest.mark.parametrize(
-    ("flag", "value", "message"),
-    [
-        ("--data.val_fraction", "0", "CIFAR10DataModule: val_fraction=0.0 must be in (0, 1)"),
-        ("--data.val_fraction", "1", "CIFAR10DataModule: val_fraction=1.0 must be in (0, 1)"),
-        ("--data.batch_size", "0", "CIFAR10DataModule: batch_size=0 must be at least 1"),
-        ("--model.lr", "-1", "ClassifierModule: lr=-1.0 must be > 0"),
-    ],
-)
-def test_out_of_range_model_and_data_values_are_refused_naming_the_field(capsys, tmp_path, flag, value, message):
-    line = _cli_error(capsys, "fit", "--config", str(CONFIG), "--data.data_dir", str(tmp_path), f"{flag}={value}")
-    assert line.startswith(f"cifar-lightning: error: invalid configuration: {message}")
-
-
-def _test_with_checkpoint(capsys, data_dir, checkpoint) -> str:
-    return _cli_error(capsys, "test", "--config", str(CONFIG), "--data.data_dir", str(data_dir),
-                      "--ckpt_path", str(checkpoint))
-
-
-def test_a_file_that_is_not_a_checkpoint_is_refused(capsys, cifar_slice, tmp_path):
-    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
-    assert "notes.ckpt is not a readable checkpoint" in _test_with_checkpoint(capsys, cifar_slice,
-                                                                             tmp_path / "notes.ckpt")
-    torch.save({"weights": torch.zeros(3)}, tmp_path / "dict.ckpt")
-    assert "dict.ckpt is not a Lightning checkpoint" in _test_with_checkpoint(capsys, cifar_slice,
-                                                                             tmp_path / "dict.ckpt")
-    assert "missing.ckpt does not exist" in _test_with_checkpoint(capsys, cifar_slice, tmp_path / "missing.ckpt")
-
-
-def test_a_truncated_checkpoint_is_refused(capsys, cifar_slice, fitted_run, tmp_path):
-    data = (fitted_run / "checkpoints" / "best.ckpt").read_bytes()
-    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
-    line = _test_with_checkpoint(capsys, cifar_slice, tmp_path / "cut.ckpt")
-    assert "cut.ckpt is not a readable checkpoint; it may be truncated" in line
-
-
-def test_a_checkpoint_of_another_network_is_refused(capsys, cifar_slice, tmp_path):
-    other = ClassifierModule(network=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3072, 10)))
-    torch.save({"state_dict": other.state_dict()}, tmp_path / "other.ckpt")
-    line = _test_with_checkpoint(capsys, cifar_slice, tmp_path / "other.ckpt")
-    assert "other.ckpt holds weights of another network (missing net.model.features.0.0.weight" in line
-    assert "--model.network" in line
-
-
-def test_fit_refuses_to_resume_from_weights_only(capsys, cifar_slice):
-    weights = Path(__file__).resolve().parents[1] / "weights" / "improvedcnn_cifar10.ckpt"
-    line = _cli_error(capsys, "fit", "--config", str(CONFIG), "--data.data_dir", str(cifar_slice),
-                      "--ckpt_path", str(weights))
-    assert "improvedcnn_cifar10.ckpt holds weights only, not the optimizer and loop state" in line
-    assert "--ckpt_path last" in line and "cifar-lightning test" in line
-
-
-class _Payload:
-    """Unpickling this calls ``Path.touch(marker)``: the kind of code a crafted checkpoint hides."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return Path.touch, (self.marker,)
-
-
-def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(cifar_slice, tmp_path):
-    marker = tmp_path / "pwned"
-    checkpoint = {"state_dict": ClassifierModule().state_dict(), "payload": _Payload(marker)}
-    torch.save(checkpoint, tmp_path / "crafted.ckpt")
-    for subcommand in ("test", "fit"):
-        result = subprocess.run([*CLI, subcommand, "--config", str(CONFIG), "--data.data_dir", str(cifar_slice),
-                                 "--ckpt_path", str(tmp_path / "crafted.ckpt")],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert "refused to load" in result.stderr and "would run code" in result.stderr
-        assert not marker.exists()
-    torch.load(tmp_path / "crafted.ckpt", weights_only=False)  # the payload is real: unsafe loading runs it
-    assert marker.exists()
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_best_checkpoint(cifar_slice, tmp_path):
