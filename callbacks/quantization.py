@@ -11,6 +11,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from callbacks.robustness import RobustnessEvaluation
 from cifar_lightning.attacks import attack_chain
 from cifar_lightning.data import load_cifar10
+from cifar_lightning.errors import ConfigError
 from cifar_lightning.evaluation import (
     RobustAccuracy,
     RobustnessMetrics,
@@ -63,8 +64,8 @@ class QuantizationEvaluation(L.Callback):
         callbacks = trainer.callbacks
         found = [i for i, c in enumerate(callbacks) if isinstance(c, RobustnessEvaluation)]
         if not found or found[0] > callbacks.index(self):
-            raise RuntimeError("QuantizationEvaluation reuses the images of RobustnessEvaluation: list "
-                               "callbacks.robustness.RobustnessEvaluation before it in trainer.callbacks")
+            raise ConfigError("invalid configuration: QuantizationEvaluation reuses the images of RobustnessEvaluation. "
+                              "Fix: list callbacks.robustness.RobustnessEvaluation before it in trainer.callbacks")
         return callbacks[found[0]]
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from cifar_lightning.attacks import ENSEMBLE_MEMBERS, check_at_least_one, check_eps
 from cifar_lightning.data import CLASSES
 from cifar_lightning.defenses import Defense, default_defenses
+from cifar_lightning.errors import ConfigError
 from cifar_lightning.evaluation import (
     AttackSuite,
     RobustAccuracy,
@@ -117,11 +118,16 @@ class RobustnessEvaluation(L.Callback):
         self._indices, self._batch_size = list(loader.sampler), loader.batch_size
         self.subset: dict[str, list] = {"index": [], "images": [], "labels": [], "standing": []}
         self.subset_positions = torch.empty(0, dtype=torch.long)  # of the current batch
+        test_labels = loader.dataset.tensors[1]
+        if isinstance(self.sample, int) and not 0 <= self.sample < len(test_labels):
+            raise ConfigError(f"invalid configuration: RobustnessEvaluation: sample={self.sample} is not an index of "
+                              f"the test set (0 to {len(test_labels) - 1}). Fix: pass an index in that range or a "
+                              f"class name such as ship.")
         if self.strong is not None:
-            test_labels = loader.dataset.tensors[1]
             if self.subset_size is not None and self.subset_size > len(test_labels):
-                raise ValueError(f"RobustnessEvaluation: subset={self.subset_size} is larger than the test set "
-                                 f"({len(test_labels)} images). Fix: pass at most {len(test_labels)}, or null for all.")
+                raise ConfigError(f"invalid configuration: RobustnessEvaluation: subset={self.subset_size} is larger "
+                                  f"than the test set ({len(test_labels)} images). Fix: pass at most "
+                                  f"{len(test_labels)}, or null for all.")
             self._subset_indices = set(stratified_subset(test_labels, self.subset_size, self.seed).tolist())
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

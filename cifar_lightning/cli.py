@@ -21,11 +21,8 @@ from cifar_lightning.checkpoints import (
     load_checkpoint,
 )
 from cifar_lightning.data import CIFAR10DataError, CIFAR10DataModule
+from cifar_lightning.errors import ConfigError
 from cifar_lightning.module import ClassifierModule, NonFiniteLossError
-
-
-class ConfigError(ValueError):
-    """A configuration value cannot work; the message names the field and the fix."""
 
 
 # Errors whose message already says what is wrong and how to fix it: no traceback for these.

@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_lightning.adversarial import TrainingAttack
 from cifar_lightning.attacks import fgsm, pgd, run_attack
-from cifar_lightning.data import CIFAR10_MEAN, CIFAR10_STD
+from cifar_lightning.data import CIFAR10_MEAN, CIFAR10_STD, CLASSES
 from cifar_lightning.models import ImprovedCNN, Normalized
 
 
@@ -82,11 +82,18 @@ class ClassifierModule(L.LightningModule):
             ("schedule", schedule, schedule in ("plateau", "onecycle"), "'plateau' or 'onecycle'"),
             ("warmup_fraction", warmup_fraction, 0.0 < warmup_fraction < 1.0, "in (0, 1), e.g. 0.25"),
             ("val_attack_images", val_attack_images, val_attack_images >= 0, ">= 0, e.g. 1000 (0: off)"),
+            ("num_classes", num_classes, num_classes == len(CLASSES), f"{len(CLASSES)}, the classes of CIFAR-10"),
         ]:
             if not valid:
                 raise ValueError(f"ClassifierModule: {name}={value} must be {rule}")
         self.save_hyperparameters()  # before `network` is filled in: it reads the arguments as given
         network = network if network is not None else ImprovedCNN(num_classes)
+        with torch.no_grad():
+            outputs = network.eval()(torch.zeros(1, 3, 32, 32)).shape[-1]
+        network.train()
+        if outputs != num_classes:
+            raise ValueError(f"ClassifierModule: the network returns {outputs} logits, not num_classes={num_classes}. "
+                             f"Fix: give the network {num_classes} outputs (e.g. init_args: {{num_classes: {num_classes}}})")
         self.net = Normalized(network, CIFAR10_MEAN, CIFAR10_STD).to(memory_format=torch.channels_last)
         self.training_attack = TrainingAttack(adversarial, adversarial_eps, adversarial_alpha, adversarial_steps)
         self.metrics = nn.ModuleDict(

@@ -46,7 +46,7 @@ def _ao_quantization():
     except ImportError as err:
         raise RuntimeError(
             f"torch {torch.__version__} has no torch.ao.quantization API this needs ({err}). Fix: install "
-            "the torch this project pins (pip install 'torch>=2.4,<2.15'), or remove "
+            "the torch this project pins (pip install 'torch>=2.4,<2.16'), or remove "
             "callbacks.quantization.QuantizationEvaluation from trainer.callbacks in the config."
         ) from None
     return quantize_dynamic, get_default_qconfig_mapping, prepare_fx, convert_fx

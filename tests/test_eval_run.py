@@ -131,14 +131,18 @@ def test_bad_strong_attack_values_are_refused_naming_the_field(value, message):
         RobustnessEvaluation(**value)
 
 
-def test_a_subset_larger_than_the_test_set_stops_with_one_line(cifar_slice, fitted_run, tmp_path):
+@pytest.mark.parametrize("change, message", [
+    ({"subset": 257}, "subset=257 is larger than the test set (256 images)"),
+    ({"sample": 256}, "sample=256 is not an index of the test set (0 to 255)"),
+])
+def test_values_beyond_the_test_set_stop_with_one_line(cifar_slice, fitted_run, tmp_path, change, message):
     import subprocess
 
     from tests.helpers import CLI
 
-    config = write_config(tmp_path, lambda c: small_subset(c, subset=257))  # the slice has 256 test images
+    config = write_config(tmp_path, lambda c: small_subset(c, **change))  # the slice has 256 test images
     result = subprocess.run([*CLI, "test", "--config", str(config), "--data.data_dir", str(cifar_slice),
                              "--ckpt_path", str(fitted_run / "checkpoints" / "best.ckpt")],
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "RobustnessEvaluation: subset=257 is larger than the test set (256 images)" in result.stderr
+    assert f"RobustnessEvaluation: {message}" in result.stderr

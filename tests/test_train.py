@@ -53,3 +53,12 @@ def test_non_finite_loss_stops_training_with_a_clear_error():
     images = torch.full((4, 3, 32, 32), float("nan"))
     with pytest.raises(NonFiniteLossError, match="training loss is nan"):
         module.training_step((images, torch.zeros(4, dtype=torch.long)), 0)
+
+
+def test_a_network_that_does_not_fit_cifar10s_classes_is_refused():
+    from cifar_lightning.models import ImprovedCNN
+
+    with pytest.raises(ValueError, match="num_classes=5 must be 10, the classes of CIFAR-10"):
+        ClassifierModule(num_classes=5)
+    with pytest.raises(ValueError, match="the network returns 5 logits, not num_classes=10"):
+        ClassifierModule(network=ImprovedCNN(num_classes=5))
