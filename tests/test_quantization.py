@@ -199,7 +199,7 @@ class _Recording(nn.Module):
     "cpu", pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))])
 def test_the_callback_gives_its_cpu_int8_copy_the_very_images_of_the_fp32_evaluation(cifar_slice, tmp_path,
                                                                                      accelerator):
-    robustness, quantization = RobustnessEvaluation(eps_sweep=[]), QuantizationEvaluation(static=False)
+    robustness, quantization = RobustnessEvaluation(eps_sweep=[], strong_attacks=False), QuantizationEvaluation(static=False)
     checked = []
 
     class CompareWithFP32Inputs(L.Callback):  # runs after QuantizationEvaluation's hooks
