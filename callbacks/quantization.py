@@ -18,7 +18,6 @@ from cifar_lightning.evaluation import (
     pgd_with_restarts,
     predict,
     predicted_labels,
-    scalar_tags,
 )
 from cifar_lightning.quantization import (
     cpu_latency,
@@ -33,7 +32,7 @@ class QuantizationEvaluation(L.Callback):
     """During ``trainer.test``: evaluate int8 copies of the model on the CPU (their kernels are CPU
     only) on the very images ``RobustnessEvaluation`` made for the FP32 model — clean, FGSM
     (a transfer attack: int8 models have no gradients) and each defense — and add a summary row per
-    model (size, accuracy, recovery, latency) to its report. Scalars go to ``test/<model>/…``.
+    model (size, accuracy, recovery, latency) to its report.
 
     Models: ``int8_dynamic`` (Linear layers → qint8 weights, dynamic activations; the seed's) and,
     with ``static``, ``int8_static`` (every layer int8, x86 backend, calibrated on training images).
@@ -106,10 +105,7 @@ class QuantizationEvaluation(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         describe = self.robustness.suite.describe
         for name, metrics in self.metrics.items():
-            results = metrics.compute()
-            trainer.logger.log_metrics({f"test/{name}/{k}": v for k, v in scalar_tags(results).items()},
-                                       step=trainer.global_step)
-            self.robustness.report.add(name, results, describe)
+            self.robustness.report.add(name, metrics.compute(), describe)
             if self.robustness.strong is not None:
                 self._subset_attacks(trainer, pl_module, name)
         for sample in self.robustness.samples.values():  # the figures show every model's predictions
@@ -143,10 +139,7 @@ class QuantizationEvaluation(L.Callback):
             metrics.update({k: v.to(pl_module.device) for k, v in robust.items()})
             for input_name in inputs:
                 masks[input_name].append(robust[input_name])
-        results = metrics.compute()
-        trainer.logger.log_metrics({f"test/{name}/{k}": v for k, v in scalar_tags(results, "subset/images").items()},
-                                   step=trainer.global_step)
-        self.robustness.report.add(name, results, strong.describe)
+        self.robustness.report.add(name, metrics.compute(), strong.describe)
         if surrogate is not None:
             self.robustness.report.add_model_info(name, surrogate_agreement=agreement.compute().item())
         self.robustness.subset_masks |= {f"{name}/{k}": torch.cat(v) if v else torch.empty(0) for k, v in masks.items()}

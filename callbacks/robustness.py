@@ -12,6 +12,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cifar_lightning.attacks import ENSEMBLE_MEMBERS, check_at_least_one, check_eps
+from cifar_lightning.dashboard import log_hparams, training_hparams
 from cifar_lightning.data import CLASSES
 from cifar_lightning.defenses import Defense, default_defenses
 from cifar_lightning.errors import ConfigError
@@ -21,11 +22,10 @@ from cifar_lightning.evaluation import (
     RobustnessMetrics,
     StrongAttacks,
     predict,
-    scalar_tags,
     stratified_subset,
     sweep_name,
 )
-from cifar_lightning.report import Report, eps_curve, prediction_figure, sample_grid
+from cifar_lightning.report import Report, accuracy_bars, eps_curve, prediction_figure, sample_grid
 
 MODEL = "fp32"
 
@@ -39,15 +39,17 @@ def _concatenate(parts: dict[str, list]) -> dict:
 
 
 class RobustnessEvaluation(L.Callback):
-    """During ``trainer.test``: attack every test batch with FGSM, apply each defense to the clean
-    and the attacked images, and log accuracy, attack success and figures under ``test/fp32/…``;
-    then run the strong attacks (PGD, the AutoAttack-style ensemble, the adaptive attack on each
-    defense) on a fixed, seeded, class-stratified subset of the test set.
+    """During ``trainer.test``: attack every test batch with FGSM and apply each defense to the clean
+    and the attacked images; then run the strong attacks (PGD, the AutoAttack-style ensemble, the
+    adaptive attack on each defense) on a fixed, seeded, class-stratified subset of the test set.
 
-    Also writes ``results.csv``, ``summary.csv``, ``results.md``, ``robust_masks.csv`` (per image
-    of the subset and input kind: robust or not) and the figures as PNG into the run folder (rank
-    0). Other callbacks (``QuantizationEvaluation``) reuse the images it makes for each batch
-    (``self.inputs``) and for the subset, and add their rows to ``self.report`` before it is written.
+    TensorBoard gets what a person reads at a glance (``dashboard.py``): the headline accuracies
+    as ``test/…`` scalars and the run's HPARAMS row; the tables as text (``test/summary``,
+    ``test/every_input``, ``test/per_class``, ``test/stage_times``); the figures as images. The run
+    folder gets ``results.csv``, ``summary.csv``, ``results.md``, ``robust_masks.csv`` (per image of
+    the subset and input kind: robust or not) and the figures as PNG (rank 0). Other callbacks
+    (``QuantizationEvaluation``) reuse the images it makes for each batch (``self.inputs``) and for
+    the subset, and add their rows to ``self.report`` before it is written.
 
     Args:
         eps: attack budget in [0, 1] pixel space (L∞).
@@ -173,8 +175,6 @@ class RobustnessEvaluation(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         results = self.metrics.compute()
-        trainer.logger.log_metrics({f"test/{MODEL}/{k}": v for k, v in scalar_tags(results).items()},
-                                   step=trainer.global_step)
         self.report.add(MODEL, results, self.suite.describe)
         if dist.is_available() and dist.is_initialized():
             gathered = [None] * trainer.world_size
@@ -210,8 +210,6 @@ class RobustnessEvaluation(L.Callback):
         self.subset_masks = {f"{MODEL}/{name}": torch.cat([m[name] for m in masks]) if masks else torch.empty(0)
                              for name in self.strong.input_names}
         results = metrics.compute()
-        trainer.logger.log_metrics({f"test/{MODEL}/{k}": v for k, v in scalar_tags(results, "subset/images").items()},
-                                   step=trainer.global_step)
         self.report.add(MODEL, results, self.strong.describe)
         return results["acc"] | {"clean (subset)": results["clean_acc"]}
 
@@ -238,8 +236,16 @@ class RobustnessEvaluation(L.Callback):
         _, index, sample = min(candidates, key=lambda candidate: candidate[:2])
         return sample | {"index": index}
 
+    def dashboard_hparams(self, pl_module: L.LightningModule) -> dict[str, object]:
+        """The run's HPARAMS row: the recipe of the weights tested (from their checkpoint), then this study."""
+        trained = getattr(pl_module, "trained_with", None) or {"hparams": dict(pl_module.hparams),
+                                                                "epochs": pl_module.current_epoch, "batch_size": None}
+        return training_hparams(**trained) | {
+            "eps_test": self.suite.eps, "defenses": ", ".join(d.name for d in self.suite.defenses) or "none"}
+
     def figures(self) -> dict[str, Figure]:
-        figures = {"eps_curve": eps_curve(*self.eps_accuracy, MODEL)}
+        figures = {"accuracy_bars": accuracy_bars(self.report.details(), self.suite.eps),
+                   "eps_curve": eps_curve(*self.eps_accuracy, MODEL)}
         sample = self.main_sample()
         if sample is not None:
             note = "" if sample["flipped"] or isinstance(self.sample, int) else ", none of its class flipped by FGSM"
@@ -277,9 +283,12 @@ class RobustnessEvaluation(L.Callback):
         for name, figure in figures.items():
             experiment.add_figure(f"test/{name}", figure, global_step=trainer.global_step, close=False)
         self.report.stage_seconds = dict(self.suite.timer.seconds)
-        experiment.add_text("test/results", self.report.markdown(), global_step=trainer.global_step)
-        # The summary as hparams metrics, so that runs compare side by side in the HPARAMS tab.
-        trainer.logger.log_hyperparams(pl_module.hparams, self.report.hparams_metrics())
+        for name, table in self.report.tables().items():
+            experiment.add_text(f"test/{name}", table, global_step=trainer.global_step)
+        headline = {tag: value for tag, (value, _) in self.report.headline().items() if tag != "test/acc"}
+        trainer.logger.log_metrics(headline, step=trainer.global_step)  # test/acc: the LightningModule's
+        weights = Path(trainer.ckpt_path).stem if trainer.ckpt_path else "untrained"
+        log_hparams(trainer.logger, self.dashboard_hparams(pl_module), trial=f"{weights} (version {trainer.logger.version})")
         self.report.write(log_dir, figures)
         print(f"\nRobustness results in {log_dir / 'results.md'}\n\n"
               + self.report.summary_frame().to_string(index=False, float_format="{:.4f}".format))

@@ -166,7 +166,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"CIFAR10DataModule: val_fraction={val_fraction} must be in (0, 1), e.g. 0.1 for a "
                              f"45k/5k split")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the dashboard logs its own choice (dashboard.py)
         self.train_set: TensorDataset | None = None
         self.val_set: TensorDataset | None = None
         self.test_set: TensorDataset | None = None

@@ -321,15 +321,3 @@ class RobustAccuracy:
         return {"acc": {name: count / images for name, count in robust.items()},
                 "attack_success": {name: 1 - count / right if right else float("nan") for name, count in robust.items()},
                 "images": images, "clean_acc": right / images}
-
-
-def scalar_tags(results: dict, images_tag: str = "images") -> dict[str, float]:
-    """:meth:`RobustnessMetrics.compute` (or :meth:`RobustAccuracy.compute`, with ``images_tag``
-    ``subset/images``) as flat TensorBoard tag suffixes: ``<input>/acc`` …"""
-    tags = {f"{name}/acc": value for name, value in results["acc"].items()}
-    tags |= {f"{name}/attack_success": value for name, value in results["attack_success"].items()}
-    tags |= {f"{name}/acc_class/{c}": v for name, per in results.get("acc_class", {}).items() for c, v in per.items()}
-    if results.get("agreement") is not None:
-        tags["clean/agreement"] = results["agreement"]
-    tags[images_tag] = results["images"]
-    return tags

@@ -86,7 +86,9 @@ class ClassifierModule(L.LightningModule):
         ]:
             if not valid:
                 raise ValueError(f"ClassifierModule: {name}={value} must be {rule}")
-        self.save_hyperparameters()  # before `network` is filled in: it reads the arguments as given
+        # Before `network` is filled in: it reads the arguments as given. Not to the logger: a test run
+        # shows the dashboard's own choice of them (`dashboard.HPARAMS`), not every argument.
+        self.save_hyperparameters(logger=False)
         network = network if network is not None else ImprovedCNN(num_classes)
         with torch.no_grad():
             outputs = network.eval()(torch.zeros(1, 3, 32, 32)).shape[-1]
@@ -105,6 +107,8 @@ class ClassifierModule(L.LightningModule):
             | {f"val_{attack}_acc": MulticlassAccuracy(num_classes, average="micro") for attack in ("fgsm", "pgd")}
         )
         self.best_pgd_acc = 0.0  # for catastrophic overfitting; kept in checkpoints
+        # The recipe behind the weights of the checkpoint last loaded (`dashboard.training_hparams`'s arguments).
+        self.trained_with: dict | None = None
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits for images in [0, 1] of shape (N, 3, H, W)."""
@@ -119,7 +123,7 @@ class ClassifierModule(L.LightningModule):
         self.metrics[f"{stage}_acc"].update(logits, labels)
         for name in ("loss", "acc"):
             self.log(f"{stage}/{name}", self.metrics[f"{stage}_{name}"], on_step=False, on_epoch=True,
-                     prog_bar=stage != "test", batch_size=len(labels))
+                     prog_bar=stage != "test", logger=stage != "test", batch_size=len(labels))
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -174,9 +178,16 @@ class ClassifierModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.best_pgd_acc = checkpoint.get("best_pgd_acc", 0.0)
+        self.trained_with = {"hparams": dict(checkpoint.get("hyper_parameters", {})), "epochs": checkpoint.get("epoch", -1) + 1,
+                             "batch_size": checkpoint.get("datamodule_hyper_parameters", {}).get("batch_size")}
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        # By hand: `self.log` would also add a point to the training run's `epoch` chart.
+        if self.logger is not None:
+            self.logger.log_metrics({"test/acc": self.metrics["test_acc"].compute().item()}, step=self.global_step)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -185,13 +196,14 @@ class ClassifierModule(L.LightningModule):
                                         weight_decay=hp.weight_decay)
         else:
             optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        # `name`: LearningRateMonitor's tag, in the dashboard's train/ group rather than a group of its own.
         if hp.schedule == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=hp.lr, total_steps=self.trainer.estimated_stepping_batches, pct_start=hp.warmup_fraction,
                 cycle_momentum=hp.optimizer == "adamw" or hp.momentum > 0,
             )
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=hp.plateau_factor, patience=hp.plateau_patience
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "name": "train/lr"}}

@@ -9,19 +9,26 @@ import matplotlib
 matplotlib.use("Agg")  # files and TensorBoard only; never a window
 
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import PercentFormatter  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from cifar_lightning.dashboard import HEADLINE  # noqa: E402
 from cifar_lightning.data import CLASSES  # noqa: E402
 
-NON_ADAPTIVE_NOTE = (
-    "`threat`: non-adaptive rows are FGSM crafted on the undefended FP32 model, then the defense: a "
-    "non-adaptive attacker, who does not know the defense. The strong attacks run on the subset of `images`; each row "
-    "counts an image as robust only if it survived every attack in `worst_of`. Adaptive rows attack "
-    "through the defense (its exact gradient where it has one, the identity where not: BPDA). int8 "
-    "`transfer` rows score the FP32 model's adversarial images; `white-box (surrogate)` rows attack a "
-    "fake-quantized copy with the int8 model's own scales and score the real int8 model."
-)
+# What each kind of row means, said only when the run has such rows: threat → sentence.
+THREAT_NOTES = {
+    "non-adaptive": "`non-adaptive` rows are FGSM crafted on the undefended FP32 model, then the defense: an attacker "
+                    "who does not know the defense.",
+    "white-box": "`white-box` rows are the strong attacks on the subset of `images`; an image counts as robust only "
+                 "if it survived every attack in `worst_of`.",
+    "adaptive": "`adaptive` rows attack through the defense (its exact gradient where it has one, the identity where "
+                "not: BPDA).",
+    "transfer": "int8 `transfer` rows score the FP32 model's worst-case images on the int8 model.",
+    "white-box (surrogate)": "int8 `white-box (surrogate)` rows attack a fake-quantized copy with the int8 model's own "
+                             "scales and score the real int8 model.",
+}
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -74,10 +81,37 @@ class Report:
         """Size, latency, device… for the summary row of ``model``."""
         self.summary.setdefault(model, {}).update(info)
 
-    def hparams_metrics(self) -> dict[str, float]:
-        """The numeric summary columns as ``summary/<model>/<column>``."""
-        return {f"summary/{model}/{column}": float(value) for model, row in self.summary.items()
-                for column, value in row.items() if isinstance(value, (int, float))}
+    def headline(self) -> dict[str, tuple[float, str]]:
+        """The run in a few numbers, ``dashboard.HEADLINE`` tag → (accuracy, what it is), from the rows
+        at the main ε: FP32 clean and under FGSM; under its strongest attack (the lowest accuracy any attack
+        leaves); the best defense against the strongest attacker it met; each int8 model, clean."""
+        rows = self.details()
+        if rows.empty:
+            return {}
+        fp32 = rows[(rows.model == "fp32") & ~rows.input.str.contains("_eps")]
+        attacked = fp32[fp32.attack != "none"]
+        clean = fp32.set_index("input").loc["clean"]
+        headline = {"test/acc": (clean.acc, f"FP32, {clean.images:,} images")}
+        if "fgsm" in set(fp32.input):
+            fgsm = fp32.set_index("input").loc["fgsm"]
+            headline["test/fgsm_acc"] = (fgsm.acc, f"FGSM at ε = {fgsm.eps:.4f}, {fgsm.images:,} images")
+        undefended = attacked[attacked.defense == "none"]
+        if not undefended.empty:
+            worst = undefended.loc[undefended.acc.idxmin()]
+            chain = worst.get("worst_of")
+            attack = f"per image the worst of {chain}" if isinstance(chain, str) else worst.input
+            headline["test/strongest_attack_acc"] = (worst.acc, f"{attack} ({worst.images:,} images)")
+        defended = attacked[attacked.defense != "none"]
+        if not defended.empty:
+            worst_per_defense = defended.loc[defended.groupby("defense").acc.idxmin()]
+            best = worst_per_defense.loc[worst_per_defense.acc.idxmax()]
+            headline["test/best_defense_acc"] = (best.acc, f"{best.defense} against its strongest attacker, "
+                                                           f"{best.input} ({best.images:,} images)")
+        for model, tag in (("int8_dynamic", "test/int8_acc"), ("int8_static", "test/int8_static_acc")):
+            clean = rows[(rows.model == model) & (rows.input == "clean")]
+            if not clean.empty:
+                headline[tag] = (clean.acc.iloc[0], f"{model}, clean, {clean.images.iloc[0]:,} images")
+        return headline
 
     def details(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows)
@@ -88,14 +122,25 @@ class Report:
     def per_class_frame(self) -> pd.DataFrame:
         return pd.DataFrame.from_dict(self.per_class, orient="index", columns=list(CLASSES))
 
+    def tables(self) -> dict[str, str]:
+        """Each table as markdown, by TensorBoard text tag suffix. The summary is transposed (a
+        column per model) so that it stays readable in a narrow window."""
+        details = self.details()
+        notes = " ".join(note for threat, note in THREAT_NOTES.items() if threat in set(details.get("threat", [])))
+        headline = pd.DataFrame([(HEADLINE[tag], value, what) for tag, (value, what) in self.headline().items()],
+                                columns=["headline", "accuracy", "of what"])
+        summary = self.summary_frame().set_index("model").T.rename_axis("FP32 and int8")
+        return {
+            "summary": headline.to_markdown(index=False, floatfmt=".4f") + "\n\n" + summary.to_markdown(floatfmt=".4f"),
+            "every_input": notes + "\n\n" + details.to_markdown(index=False, floatfmt=".4f"),
+            "per_class": self.per_class_frame().to_markdown(floatfmt=".3f"),
+            "stage_times": self.timings_frame().to_markdown(index=False, floatfmt=".1f"),
+        }
+
     def markdown(self) -> str:
-        return "\n\n".join([
-            "## Summary\n\n" + self.summary_frame().to_markdown(index=False, floatfmt=".4f"),
-            "## Every input kind\n\n" + NON_ADAPTIVE_NOTE + "\n\n"
-            + self.details().to_markdown(index=False, floatfmt=".4f"),
-            "## Accuracy per class\n\n" + self.per_class_frame().to_markdown(floatfmt=".3f"),
-            "## Wall time per stage\n\n" + self.timings_frame().to_markdown(index=False, floatfmt=".1f"),
-        ])
+        titles = {"summary": "Summary", "every_input": "Every input kind", "per_class": "Accuracy per class",
+                  "stage_times": "Wall time per stage"}
+        return "\n\n".join(f"## {titles[name]}\n\n{table}" for name, table in self.tables().items())
 
     def timings_frame(self) -> pd.DataFrame:
         seconds = pd.Series(self.stage_seconds, name="seconds").rename_axis("stage").reset_index()
@@ -113,10 +158,14 @@ class Report:
 
 
 def _show(axis: plt.Axes, image: Tensor, title: str, correct: bool) -> None:
+    """The image framed green (right) or red (wrong): the frame reads at any size, the title when zoomed in."""
+    color = "tab:green" if correct else "tab:red"
     axis.imshow(image.permute(1, 2, 0).clamp(0, 1).cpu().numpy(), interpolation="nearest")
-    axis.set_title(title, fontsize=8, color="tab:green" if correct else "tab:red")
+    axis.set_title(title, fontsize=9, color=color, pad=2)
     axis.set_xticks([])
     axis.set_yticks([])
+    for spine in axis.spines.values():
+        spine.set(color=color, linewidth=3)
 
 
 def _caption(probabilities: Tensor) -> tuple[str, int]:
@@ -126,37 +175,46 @@ def _caption(probabilities: Tensor) -> tuple[str, int]:
 
 def prediction_figure(images: dict[str, Tensor], predictions: dict[str, dict[str, Tensor]], label: int,
                       title: str) -> plt.Figure:
-    """One column per input kind (clean, FGSM, each defense); one row of predictions per model.
+    """One row per input kind (clean, FGSM, each defense), one column per model, each image titled
+    with the model's prediction and confidence: narrow, so it reads at TensorBoard's card size.
 
     ``images``: input kind → (3, H, W) in [0, 1]; ``predictions``: model → input kind → probabilities.
     """
-    rows, columns = len(predictions), len(images)
-    figure, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.9 * rows), squeeze=False)
-    for row, (model, probabilities) in enumerate(predictions.items()):
-        for column, (kind, image) in enumerate(images.items()):
+    rows, columns = len(images), len(predictions)
+    figure, axes = plt.subplots(rows, columns, figsize=(1.5 * columns + 0.6, 1.45 * rows + 0.5), squeeze=False,
+                                layout="constrained")
+    for column, (model, probabilities) in enumerate(predictions.items()):
+        axes[0, column].annotate(model, (0.5, 1.25), xycoords="axes fraction", ha="center", fontsize=10,
+                                 fontweight="bold")
+        for row, (kind, image) in enumerate(images.items()):
             caption, predicted = _caption(probabilities[kind])
-            _show(axes[row, column], image, f"{kind}\n{caption}" if row == 0 else caption, predicted == label)
-        axes[row, 0].set_ylabel(model, fontsize=8)
-    figure.suptitle(f"{title} (true class: {CLASSES[label]})", fontsize=10)
+            _show(axes[row, column], image, caption, predicted == label)
+            axes[row, 0].set_ylabel(kind, fontsize=9)
+    figure.suptitle(f"{title}\ntrue class: {CLASSES[label]}; green = right, red = wrong", fontsize=10)
     return figure
 
 
 def sample_grid(samples: list[tuple[dict[str, Tensor], dict[str, Tensor], int]], model: str) -> plt.Figure:
-    """One row per sample ``(images, probabilities, label)``, one column per input kind."""
-    columns = len(samples[0][0])
-    figure, axes = plt.subplots(len(samples), columns, figsize=(1.5 * columns, 1.7 * len(samples)), squeeze=False)
+    """One row per sample ``(images, probabilities, label)``, one column per input kind; the frames
+    say right or wrong, the titles what the model saw."""
+    kinds = list(samples[0][0])
+    figure, axes = plt.subplots(len(samples), len(kinds), figsize=(1.3 * len(kinds) + 0.6, 1.4 * len(samples) + 0.8),
+                                squeeze=False, layout="constrained")
     for row, (images, probabilities, label) in enumerate(samples):
-        for column, (kind, image) in enumerate(images.items()):
+        for column, kind in enumerate(kinds):
             caption, predicted = _caption(probabilities[kind])
-            _show(axes[row, column], image, f"{kind}\n{caption}" if row == 0 else caption, predicted == label)
-        axes[row, 0].set_ylabel(CLASSES[label], fontsize=8)
-    figure.suptitle(f"{model} predictions; green = correct, red = wrong", fontsize=10)
+            _show(axes[row, column], images[kind], CLASSES[predicted], predicted == label)
+        axes[row, 0].set_ylabel(CLASSES[label], fontsize=9)
+    for column, kind in enumerate(kinds):
+        axes[0, column].annotate(kind.replace("/", "\n"), (0.5, 1.3), xycoords="axes fraction", ha="center",
+                                 va="bottom", fontsize=9, fontweight="bold")
+    figure.suptitle(f"{model}: one image per class that FGSM flips; green = right, red = wrong", fontsize=10)
     return figure
 
 
 def eps_curve(eps: list[float], accuracy: dict[str, list[float]], model: str) -> plt.Figure:
     """Accuracy against the budget ε, one line per attack and defense."""
-    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    figure, axis = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
     for curve, values in accuracy.items():
         axis.plot([e * 255 for e in eps], values, marker="o", label=curve, linestyle="--" if "subset" in curve else "-")
     axis.set_xlabel("ε (grey levels of 255)")
@@ -165,4 +223,37 @@ def eps_curve(eps: list[float], accuracy: dict[str, list[float]], model: str) ->
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     axis.set_title(f"{model}: accuracy against ε", fontsize=10)
+    return figure
+
+
+def _bar_kind(row: pd.Series) -> str:
+    """The bar chart's row of a results row: the strong attacks (and int8's transfer and white-box)
+    fold into their worst case."""
+    if row.threat in ("white-box", "transfer", "white-box (surrogate)"):
+        return "strongest attack (subset)"
+    kind, _, defense = row.input.partition("/")
+    name = {"clean": "clean", "fgsm": "FGSM", "adaptive": "adaptive PGD"}[kind]
+    return f"{name} → {defense}" if defense else name
+
+
+def accuracy_bars(rows: pd.DataFrame, eps: float) -> plt.Figure:
+    """The headline figure: a bar per model for each input kind at the main ε (the defenses on
+    attacked images; their cost on clean ones and the ε sweep stay in the tables)."""
+    shown = rows[~rows.input.str.contains("_eps") & ~rows.input.str.startswith("clean/")]
+    table = (shown.assign(kind=shown.apply(_bar_kind, axis=1)).groupby(["kind", "model"], sort=False).acc.min()
+             .unstack("model"))
+    models = list(dict.fromkeys(shown.model))
+    figure, axis = plt.subplots(figsize=(5.5, 0.17 * len(table) * len(models) + 1.2), layout="constrained")
+    height = 0.8 / len(models)
+    for position, model in enumerate(models):
+        offsets = np.arange(len(table)) + (position - (len(models) - 1) / 2) * height
+        bars = axis.barh(offsets, table[model].fillna(0), height=height, label=model)
+        axis.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.0%}" for v in table[model]], fontsize=8, padding=2)
+    axis.set_yticks(np.arange(len(table)), table.index, fontsize=10)
+    axis.invert_yaxis()
+    axis.set_xlim(0, 1.1)
+    axis.xaxis.set_major_formatter(PercentFormatter(1.0))
+    axis.grid(axis="x", alpha=0.3)
+    axis.legend(fontsize=9, loc="lower right")
+    axis.set_title(f"Test accuracy at ε = {eps * 255:.3g}/255", fontsize=11)
     return figure

@@ -1,24 +1,13 @@
 """The real TensorBoard server over a finished fit and test run serves what the README promises."""
 
-import json
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
-import urllib.request
-from pathlib import Path
 
+import pandas as pd
 import pytest
 
-TENSORBOARD = Path(sys.executable).with_name("tensorboard")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from cifar_lightning.dashboard import HEADLINE, HPARAMS
+from scripts.dashboard_screenshots import hparams_request, serve
 
 
 @pytest.fixture(scope="module")
@@ -27,59 +16,72 @@ def dashboard(fitted_run, tested_run, tmp_path_factory):
     logdir = tmp_path_factory.mktemp("logdir")
     for name, run in (("fit", fitted_run), ("test", tested_run)):
         shutil.copytree(run, logdir / name, ignore=shutil.ignore_patterns("checkpoints"))
-    port = _free_port()
-    server = subprocess.Popen([str(TENSORBOARD), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(port),
-                               "--load_fast", "false", "--reload_interval", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def get(path: str) -> bytes:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-            return response.read()
-
-    try:
-        deadline = time.monotonic() + 90
-        while True:  # until the server answers and has read both runs' scalars
-            try:
-                if {"fit", "test"} <= set(json.loads(get("/data/plugin/scalars/tags"))):
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "tensorboard did not serve the runs"
-            time.sleep(0.5)
-        yield lambda path: json.loads(get(path)) if path.startswith("/data/plugin") and "individual" not in path \
-            else get(path)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with serve(logdir, {"fit", "test"}) as (_, get):
+        yield get
 
 
 def _query(**params: str) -> str:
     return urllib.parse.urlencode(params)
 
 
-def test_scalars_tab_serves_train_val_and_test_curves(dashboard):
+def _hparams(dashboard, route: str, **request) -> dict:
+    return dashboard(hparams_request(route, **request))
+
+
+def test_hparams_tab_opens_on_the_headline_accuracies_and_the_recipe(dashboard, tested_run):
+    experiment = _hparams(dashboard, "experiment")
+    metrics = [info["name"]["tag"] for info in experiment["metricInfos"]]
+    assert metrics == list(HEADLINE) and metrics[0] == "test/acc"  # the UI shows the first five, in this order
+    assert [info["name"] for info in experiment["hparamInfos"]] == list(HPARAMS)
+    [group] = _hparams(dashboard, "session_groups", startIndex=0, sliceSize=100,
+                       allowedStatuses=["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+                       colParams=[])["sessionGroups"]  # the test run; a training run is no HPARAMS row
+    hparams = group["hparams"]
+    assert group["name"] == "best (version 0)"  # the weights' name and the run's folder
+    assert hparams["adversarial_training"] == "none" and hparams["eps_test"] == 0.03
+    assert hparams["recipe"] == "1 epoch, adamw plateau lr 0.001, weight decay 0.01, label smoothing 0.1, batch 64"
+    assert hparams["defenses"] == "gaussian_k3, jpeg_q30, median_k3, tv_w0.1"
+    values = {value["name"]["tag"]: value["value"] for value in group["metricValues"]}
+    acc = pd.read_csv(tested_run / "results.csv").set_index(["model", "input"]).acc
+    assert set(values) == set(HEADLINE)
+    assert values["test/acc"] == pytest.approx(acc["fp32", "clean"])
+    assert values["test/int8_acc"] == pytest.approx(acc["int8_dynamic", "clean"])
+
+
+def test_scalars_tab_has_the_training_curves_and_only_the_headline_of_the_test(dashboard):
     tags = dashboard("/data/plugin/scalars/tags")
-    assert {"train/loss", "train/acc", "val/loss", "val/acc", "lr-AdamW"} <= set(tags["fit"])
-    assert {"test/acc", "test/fp32/clean/acc", "test/fp32/fgsm/acc", "test/fp32/fgsm/jpeg_q30/acc",
-            "test/int8_dynamic/fgsm/acc", "test/int8_static/clean/agreement"} <= set(tags["test"])
-    [(_, step, images)] = dashboard(f"/data/plugin/scalars/scalars?{_query(run='test', tag='test/fp32/images')}")
-    assert images == 256
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "train/lr", "epoch"} <= set(tags["fit"])
+    assert set(tags["test"]) == set(HEADLINE)
+    [(_, step, fgsm)] = dashboard(f"/data/plugin/scalars/scalars?{_query(run='test', tag='test/fgsm_acc')}")
+    assert 0 <= fgsm <= 1
 
 
 def test_images_tab_serves_the_figures_as_png(dashboard):
     tags = dashboard("/data/plugin/images/tags")
-    assert {"test/sample", "test/samples_grid", "test/eps_curve"} <= set(tags["test"])
-    [entry] = dashboard(f"/data/plugin/images/images?{_query(run='test', tag='test/eps_curve', sample='0')}")
+    assert set(tags["test"]) == {"test/accuracy_bars", "test/sample", "test/samples_grid", "test/eps_curve"}
+    [entry] = dashboard(f"/data/plugin/images/images?{_query(run='test', tag='test/accuracy_bars', sample='0')}")
     png = dashboard(f"/data/plugin/images/individualImage?{entry['query']}")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_text_tab_serves_the_results_tables(dashboard):
-    assert "test/results/text_summary" in dashboard("/data/plugin/text/tags")["test"]
-    [entry] = dashboard(f"/data/plugin/text/text?{_query(run='test', tag='test/results/text_summary')}")
-    assert "Summary" in entry["text"] and "int8_dynamic" in entry["text"] and "non-adaptive attacker" in entry["text"]
+def test_text_tab_has_one_entry_per_table_and_a_narrow_summary(dashboard):
+    tables = ["summary", "every_input", "per_class", "stage_times"]
+    assert set(dashboard("/data/plugin/text/tags")["test"]) == {f"test/{name}/text_summary" for name in tables}
+    [summary] = dashboard(f"/data/plugin/text/text?{_query(run='test', tag='test/summary/text_summary')}")
+    columns = [row.count("<th") for row in summary["text"].split("<tr>") if "<th" in row]
+    assert columns and max(columns) <= 4  # a column per model: readable at 1,280 px
+    assert "strongest attack acc" in summary["text"] and "int8_dynamic" in summary["text"]
+    [every_input] = dashboard(f"/data/plugin/text/text?{_query(run='test', tag='test/every_input/text_summary')}")
+    assert "non-adaptive" in every_input["text"] and "white-box (surrogate)" in every_input["text"]
 
 
-def test_hparams_tab_is_active(dashboard):
-    plugins = dashboard("/data/plugins_listing")
-    assert all(plugins[name]["enabled"] for name in ("scalars", "images", "text", "hparams"))
+def test_hparams_row_names_the_adversarial_recipe_and_refuses_unknown_columns():
+    from cifar_lightning.dashboard import log_hparams, training_hparams
+
+    hparams = {"adversarial": "n_fgsm", "adversarial_eps": 8 / 255, "optimizer": "sgd", "schedule": "onecycle",
+               "lr": 0.1, "weight_decay": 5e-4, "label_smoothing": 0.0}
+    assert training_hparams(hparams, epochs=15, batch_size=None) == {
+        "adversarial_training": "n_fgsm, ε 8/255",
+        "recipe": "15 epochs, sgd onecycle lr 0.1, weight decay 0.0005, label smoothing 0.0"}
+    with pytest.raises(KeyError, match="'lr'"):
+        log_hparams(None, {"lr": 0.1}, trial="x")

@@ -13,7 +13,7 @@ def test_one_epoch_fit_writes_checkpoints_and_scalars(fitted_run):
     run = fitted_run
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
     logged = scalars(run)
-    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "lr-AdamW"):
+    for tag in ("train/loss", "train/acc", "val/loss", "val/acc", "train/lr"):
         assert len(logged[tag]) == 1, tag
     assert 0 <= logged["val/acc"][0] <= 1
     checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)
