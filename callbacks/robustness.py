@@ -45,7 +45,7 @@ class RobustnessEvaluation(L.Callback):
 
     TensorBoard gets what a person reads at a glance (``dashboard.py``): the headline accuracies
     as ``test/…`` scalars and the run's HPARAMS row; the tables as text (``test/summary``,
-    ``test/every_input``, ``test/per_class``, ``test/stage_times``); the figures as images. The run
+    ``test/tables/every_input``, ``…/per_class``, ``…/stage_times``); the figures as images. The run
     folder gets ``results.csv``, ``summary.csv``, ``results.md``, ``robust_masks.csv`` (per image of
     the subset and input kind: robust or not) and the figures as PNG (rank 0). Other callbacks
     (``QuantizationEvaluation``) reuse the images it makes for each batch (``self.inputs``) and for

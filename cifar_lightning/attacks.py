@@ -16,7 +16,11 @@ from torch import Tensor, nn
 from cifar_lightning.defenses import Defense
 
 #: The AutoAttack members (Croce & Hein 2020) with the paper's budgets, in the paper's order.
-ENSEMBLE_MEMBERS = ("apgd-ce", "apgd-t", "fab-t", "square")
+# The AutoAttack members with the budgets of the paper's standard version: member → (name in tables,
+# steps (Square: queries), restarts).
+ENSEMBLE_BUDGETS = {"apgd-ce": ("APGD-CE", 100, 1), "apgd-t": ("APGD-T (9 targets)", 100, 1),
+                    "fab-t": ("FAB-T (9 targets)", 100, 1), "square": ("Square", 5000, 1)}
+ENSEMBLE_MEMBERS = tuple(ENSEMBLE_BUDGETS)
 
 
 def check_eps(owner: str, eps: float, name: str = "eps") -> None:
@@ -57,16 +61,17 @@ def ensemble_member(name: str, model: nn.Module, eps: float, seed: int = 0,
     each of the 9 other classes), FAB-T (100 steps, 9 targets) and Square (5,000 queries).
     torchattacks' own ``AutoAttack`` runs its members with 10 steps; these are the paper's."""
     check_eps(name, eps)
-    members = {
-        "apgd-ce": lambda: torchattacks.APGD(model, eps=eps, steps=100, n_restarts=1, loss="ce", seed=seed),
-        "apgd-t": lambda: torchattacks.APGDT(model, eps=eps, steps=100, n_restarts=1, n_classes=num_classes,
-                                             seed=seed),
-        "fab-t": lambda: torchattacks.FAB(model, eps=eps, steps=100, n_restarts=1, multi_targeted=True,
-                                          n_classes=num_classes, seed=seed),
-        "square": lambda: torchattacks.Square(model, eps=eps, n_queries=5000, n_restarts=1, seed=seed),
-    }
-    if name not in members:
+    if name not in ENSEMBLE_BUDGETS:
         raise ValueError(f"unknown attack {name!r}; the ensemble's members are {', '.join(ENSEMBLE_MEMBERS)}")
+    _, steps, restarts = ENSEMBLE_BUDGETS[name]
+    members = {
+        "apgd-ce": lambda: torchattacks.APGD(model, eps=eps, steps=steps, n_restarts=restarts, loss="ce", seed=seed),
+        "apgd-t": lambda: torchattacks.APGDT(model, eps=eps, steps=steps, n_restarts=restarts, n_classes=num_classes,
+                                             seed=seed),
+        "fab-t": lambda: torchattacks.FAB(model, eps=eps, steps=steps, n_restarts=restarts, multi_targeted=True,
+                                          n_classes=num_classes, seed=seed),
+        "square": lambda: torchattacks.Square(model, eps=eps, n_queries=steps, n_restarts=restarts, seed=seed),
+    }
     return members[name]()
 
 

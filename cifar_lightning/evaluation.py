@@ -22,7 +22,16 @@ from torch import Tensor, nn
 from torchmetrics import Metric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from cifar_lightning.attacks import Judge, ThroughDefense, attack_chain, ensemble_member, fgsm, pgd, run_attack
+from cifar_lightning.attacks import (
+    ENSEMBLE_BUDGETS,
+    Judge,
+    ThroughDefense,
+    attack_chain,
+    ensemble_member,
+    fgsm,
+    pgd,
+    run_attack,
+)
 from cifar_lightning.data import CLASSES
 from cifar_lightning.defenses import Defense
 
@@ -119,9 +128,13 @@ def pgd_with_restarts(model: nn.Module, eps: float, steps: int, restarts: int, s
     """``attack(images, labels)``: PGD from ``restarts`` random starts, each restart only on the
     images the earlier ones did not fool (judged by ``judge``, by default ``model`` itself)."""
     judge = judge or partial(predicted_labels, model)
-    attacks = {f"restart {r}": partial(lambda x, y, r: run_attack(pgd(model, eps, steps), x, y, seed + r), r=r)
-               for r in range(restarts)}
+    attacks = {f"restart {r}": partial(_pgd_from, seed + r, model, eps, steps) for r in range(restarts)}
     return lambda images, labels: attack_chain(attacks, judge, images, labels)[0]
+
+
+def _pgd_from(seed: int, model: nn.Module, eps: float, steps: int, images: Tensor, labels: Tensor) -> Tensor:
+    """One PGD restart, its random start drawn from ``seed``."""
+    return run_attack(pgd(model, eps, steps), images, labels, seed)
 
 
 class StrongAttacks:
@@ -174,11 +187,9 @@ class StrongAttacks:
         if attack == "whitebox":  # PGD on the int8 model's fake-quantized surrogate
             return {"attack": "PGD", "eps": self.eps, "steps": self.pgd_steps, "restarts": self.pgd_restarts,
                     "defense": "none", "threat": "white-box (surrogate)", "worst_of": "fgsm+pgd"}
-        # The ensemble's budgets are the paper's (``attacks.ensemble_member``); Square's steps are queries.
+        # Square's steps are queries.
         name, steps, restarts = {"pgd": ("PGD", self.pgd_steps, self.pgd_restarts),
-                                 "adaptive": ("PGD", self.pgd_steps, self.pgd_restarts),
-                                 "apgd-ce": ("APGD-CE", 100, 1), "apgd-t": ("APGD-T (9 targets)", 100, 1),
-                                 "fab-t": ("FAB-T (9 targets)", 100, 1), "square": ("Square", 5000, 1)}[attack]
+                                 "adaptive": ("PGD", self.pgd_steps, self.pgd_restarts), **ENSEMBLE_BUDGETS}[attack]
         return {"attack": name,
                 "eps": float(eps) if eps else self.eps, "steps": steps, "restarts": restarts,
                 "defense": defense or "none", "threat": "adaptive" if defense else "white-box",

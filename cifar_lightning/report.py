@@ -31,6 +31,13 @@ THREAT_NOTES = {
 }
 
 
+def _cell(value: object) -> str:
+    """A table cell as text (tables given as text keep it: ``to_markdown(disable_numparse=True)``)."""
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.4f}"
+    return str(value)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write via a temporary file and a rename, so a crash never leaves half a file behind."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -42,6 +49,11 @@ def figure_png(figure: plt.Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     return buffer.getvalue()
+
+
+def _last_lowest(rows: pd.DataFrame) -> pd.Series:
+    """The row of the lowest accuracy; of tied rows the last, the longest chain of attacks."""
+    return rows[rows.acc == rows.acc.min()].iloc[-1]
 
 
 class Report:
@@ -97,13 +109,13 @@ class Report:
             headline["test/fgsm_acc"] = (fgsm.acc, f"FGSM at ε = {fgsm.eps:.4f}, {fgsm.images:,} images")
         undefended = attacked[attacked.defense == "none"]
         if not undefended.empty:
-            worst = undefended.loc[undefended.acc.idxmin()]
+            worst = _last_lowest(undefended)
             chain = worst.get("worst_of")
             attack = f"per image the worst of {chain}" if isinstance(chain, str) else worst.input
             headline["test/strongest_attack_acc"] = (worst.acc, f"{attack} ({worst.images:,} images)")
         defended = attacked[attacked.defense != "none"]
         if not defended.empty:
-            worst_per_defense = defended.loc[defended.groupby("defense").acc.idxmin()]
+            worst_per_defense = pd.DataFrame([_last_lowest(rows) for _, rows in defended.groupby("defense")])
             best = worst_per_defense.loc[worst_per_defense.acc.idxmax()]
             headline["test/best_defense_acc"] = (best.acc, f"{best.defense} against its strongest attacker, "
                                                            f"{best.input} ({best.images:,} images)")
@@ -123,23 +135,25 @@ class Report:
         return pd.DataFrame.from_dict(self.per_class, orient="index", columns=list(CLASSES))
 
     def tables(self) -> dict[str, str]:
-        """Each table as markdown, by TensorBoard text tag suffix. The summary is transposed (a
-        column per model) so that it stays readable in a narrow window."""
+        """Each table as markdown, by TensorBoard text tag suffix; TensorBoard lists them by name, the
+        summary first. The summary is transposed (a column per model) so that it stays readable in
+        a narrow window."""
         details = self.details()
         notes = " ".join(note for threat, note in THREAT_NOTES.items() if threat in set(details.get("threat", [])))
         headline = pd.DataFrame([(HEADLINE[tag], value, what) for tag, (value, what) in self.headline().items()],
                                 columns=["headline", "accuracy", "of what"])
-        summary = self.summary_frame().set_index("model").T.rename_axis("FP32 and int8")
+        # Transposed, each column mixes numbers and text, so the cells are formatted here; blank: not measured.
+        summary = self.summary_frame().set_index("model").T.rename_axis("FP32 and int8").map(_cell)
         return {
-            "summary": headline.to_markdown(index=False, floatfmt=".4f") + "\n\n" + summary.to_markdown(floatfmt=".4f"),
-            "every_input": notes + "\n\n" + details.to_markdown(index=False, floatfmt=".4f"),
-            "per_class": self.per_class_frame().to_markdown(floatfmt=".3f"),
-            "stage_times": self.timings_frame().to_markdown(index=False, floatfmt=".1f"),
+            "summary": headline.to_markdown(index=False, floatfmt=".4f") + "\n\n" + summary.to_markdown(disable_numparse=True),
+            "tables/every_input": notes + "\n\n" + details.map(_cell).to_markdown(index=False, disable_numparse=True),
+            "tables/per_class": self.per_class_frame().to_markdown(floatfmt=".3f"),
+            "tables/stage_times": self.timings_frame().to_markdown(index=False, floatfmt=".1f"),
         }
 
     def markdown(self) -> str:
-        titles = {"summary": "Summary", "every_input": "Every input kind", "per_class": "Accuracy per class",
-                  "stage_times": "Wall time per stage"}
+        titles = {"summary": "Summary", "tables/every_input": "Every input kind",
+                  "tables/per_class": "Accuracy per class", "tables/stage_times": "Wall time per stage"}
         return "\n\n".join(f"## {titles[name]}\n\n{table}" for name, table in self.tables().items())
 
     def timings_frame(self) -> pd.DataFrame:

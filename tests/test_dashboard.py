@@ -65,13 +65,13 @@ def test_images_tab_serves_the_figures_as_png(dashboard):
 
 
 def test_text_tab_has_one_entry_per_table_and_a_narrow_summary(dashboard):
-    tables = ["summary", "every_input", "per_class", "stage_times"]
+    tables = ["summary", "tables/every_input", "tables/per_class", "tables/stage_times"]  # by name: summary first
     assert set(dashboard("/data/plugin/text/tags")["test"]) == {f"test/{name}/text_summary" for name in tables}
     [summary] = dashboard(f"/data/plugin/text/text?{_query(run='test', tag='test/summary/text_summary')}")
     columns = [row.count("<th") for row in summary["text"].split("<tr>") if "<th" in row]
     assert columns and max(columns) <= 4  # a column per model: readable at 1,280 px
     assert "strongest attack acc" in summary["text"] and "int8_dynamic" in summary["text"]
-    [every_input] = dashboard(f"/data/plugin/text/text?{_query(run='test', tag='test/every_input/text_summary')}")
+    [every_input] = dashboard(f"/data/plugin/text/text?{_query(run='test', tag='test/tables/every_input/text_summary')}")
     assert "non-adaptive" in every_input["text"] and "white-box (surrogate)" in every_input["text"]
 
 
