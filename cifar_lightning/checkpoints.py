@@ -12,6 +12,9 @@ import torch
 from torch import nn
 
 LAST = "last.ckpt"
+# What a shipped weights file keeps: the weights and what describes them, no optimizer, loop or callback state.
+WEIGHTS_KEYS = ("state_dict", "hyper_parameters", "hparams_name", "pytorch-lightning_version", "epoch", "global_step")
+RECIPE_DATA_KEYS = ("batch_size", "val_fraction", "split_seed", "augment")  # not the machine's data_dir
 
 
 class CheckpointError(ValueError):
@@ -79,3 +82,12 @@ def latest_last_checkpoint(runs_dir: str | Path) -> Path | None:
     """The most recently written ``version_*/checkpoints/last.ckpt`` under ``runs_dir``, if any."""
     candidates = Path(runs_dir).glob(f"version_*/checkpoints/{LAST}")
     return max(candidates, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def weights_only(checkpoint: dict) -> dict:
+    """``checkpoint`` as a file to share: :data:`WEIGHTS_KEYS`, and of the data module's
+    hyperparameters those of the recipe (:data:`RECIPE_DATA_KEYS`), which a test run shows."""
+    kept = {key: checkpoint[key] for key in WEIGHTS_KEYS if key in checkpoint}
+    data = checkpoint.get("datamodule_hyper_parameters", {})
+    kept["datamodule_hyper_parameters"] = {key: data[key] for key in RECIPE_DATA_KEYS if key in data}
+    return kept

@@ -36,3 +36,20 @@ def test_dynamic_int8_copy_of_the_trained_model_agrees_with_fp32():
     with torch.inference_mode():
         agreement = (net(images).argmax(1) == quantize_dynamic_linear(net)(images).argmax(1)).float().mean()
     assert agreement >= 0.98
+
+
+def test_export_keeps_the_weights_and_the_recipe_and_never_overwrites(fitted_run, tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "export_weights.py"
+    output = tmp_path / "mine.ckpt"
+    source = fitted_run / "checkpoints" / "best.ckpt"
+    subprocess.run([sys.executable, str(script), str(source), str(output)], check=True, capture_output=True)
+    exported, full = torch.load(output, weights_only=True), torch.load(source, weights_only=True)
+    assert "optimizer_states" not in exported and "loops" not in exported
+    assert all(torch.equal(exported["state_dict"][k], full["state_dict"][k]) for k in full["state_dict"])
+    assert exported["datamodule_hyper_parameters"] == {"batch_size": 64, "val_fraction": 0.1, "split_seed": 0,
+                                                       "augment": True}
+    again = subprocess.run([sys.executable, str(script), str(source), str(output)], capture_output=True, text=True)
+    assert again.returncode == 2 and "exists; not overwritten" in again.stderr
