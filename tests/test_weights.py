@@ -10,12 +10,29 @@ from cifar_lightning.module import ClassifierModule
 from tests.helpers import SHARED_CIFAR10
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "improvedcnn_cifar10.ckpt"
+ROBUST = WEIGHTS.with_name("improvedcnn_cifar10_adv.ckpt")  # adversarially trained (configs/adversarial.yaml)
 
 
-def test_weights_are_a_small_weights_only_checkpoint():
-    checkpoint = torch.load(WEIGHTS, weights_only=True)  # plain tensors and builtins: no code can run
+@pytest.mark.parametrize("weights", [WEIGHTS, ROBUST], ids=["standard", "robust"])
+def test_weights_are_a_small_weights_only_checkpoint(weights):
+    checkpoint = torch.load(weights, weights_only=True)  # plain tensors and builtins: no code can run
     assert "optimizer_states" not in checkpoint
-    assert WEIGHTS.stat().st_size / 1e6 == pytest.approx(13.02, abs=0.05)
+    assert weights.stat().st_size / 1e6 == pytest.approx(13.02, abs=0.05)
+
+
+@pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="needs ../shared/cifar10")
+def test_robust_weights_resist_pgd_where_the_standard_ones_fall():
+    from cifar_lightning.attacks import pgd, run_attack
+
+    images, labels = load_cifar10(SHARED_CIFAR10, train=False)
+    images, labels = images[:64].float() / 255, labels[:64]
+    robust = {}
+    for name, weights in (("standard", WEIGHTS), ("robust", ROBUST)):
+        net = ClassifierModule.load_from_checkpoint(weights, weights_only=True, map_location="cpu").net.eval()
+        adversarial = run_attack(pgd(net, 8 / 255, steps=10), images, labels)
+        with torch.inference_mode():
+            robust[name] = (net(adversarial).argmax(1) == labels).float().mean().item()
+    assert robust["standard"] <= 0.05 and robust["robust"] >= 0.25
 
 
 @pytest.mark.skipif(not SHARED_CIFAR10.is_dir(), reason="needs ../shared/cifar10")
