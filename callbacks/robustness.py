@@ -288,7 +288,8 @@ class RobustnessEvaluation(L.Callback):
         headline = {tag: value for tag, (value, _) in self.report.headline().items() if tag != "test/acc"}
         trainer.logger.log_metrics(headline, step=trainer.global_step)  # test/acc: the LightningModule's
         weights = Path(trainer.ckpt_path).stem if trainer.ckpt_path else "untrained"
-        log_hparams(trainer.logger, self.dashboard_hparams(pl_module), trial=f"{weights} (version {trainer.logger.version})")
+        trial = f"{weights} (version {trainer.logger.version})"
+        log_hparams(trainer.logger, self.dashboard_hparams(pl_module), trial)
         self.report.write(log_dir, figures)
         print(f"\nRobustness results in {log_dir / 'results.md'}\n\n"
               + self.report.summary_frame().to_string(index=False, float_format="{:.4f}".format))

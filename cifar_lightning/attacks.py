@@ -15,9 +15,8 @@ from torch import Tensor, nn
 
 from cifar_lightning.defenses import Defense
 
-#: The AutoAttack members (Croce & Hein 2020) with the paper's budgets, in the paper's order.
-# The AutoAttack members with the budgets of the paper's standard version: member → (name in tables,
-# steps (Square: queries), restarts).
+# The AutoAttack members (Croce & Hein 2020) in the paper's order, with the budgets of its standard
+# version: member → (name in tables, steps (Square: queries), restarts).
 ENSEMBLE_BUDGETS = {"apgd-ce": ("APGD-CE", 100, 1), "apgd-t": ("APGD-T (9 targets)", 100, 1),
                     "fab-t": ("FAB-T (9 targets)", 100, 1), "square": ("Square", 5000, 1)}
 ENSEMBLE_MEMBERS = tuple(ENSEMBLE_BUDGETS)

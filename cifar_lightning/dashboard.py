@@ -39,11 +39,12 @@ def training_hparams(hparams: Mapping, epochs: int, batch_size: int | None) -> d
     ``ClassifierModule``'s as saved in the checkpoint (older checkpoints lack the newer keys), the
     batch size the data module's (None: not saved with the weights)."""
     method = hparams.get("adversarial", "none")
+    training = method if method == "none" else f"{method}, ε {hparams['adversarial_eps'] * 255:.3g}/255"
+    optimizer = f"{hparams.get('optimizer', 'adamw')} {hparams.get('schedule', 'plateau')} lr {hparams.get('lr')}"
     batch = f", batch {batch_size}" if batch_size else ""
     return {
-        "adversarial_training": method if method == "none" else f"{method}, ε {hparams['adversarial_eps'] * 255:.3g}/255",
-        "recipe": f"{epochs} epoch{'' if epochs == 1 else 's'}, {hparams.get('optimizer', 'adamw')} {hparams.get('schedule', 'plateau')} "
-                  f"lr {hparams.get('lr')}, weight decay {hparams.get('weight_decay')}, "
+        "adversarial_training": training,
+        "recipe": f"{epochs} epoch{'' if epochs == 1 else 's'}, {optimizer}, weight decay {hparams.get('weight_decay')}, "
                   f"label smoothing {hparams.get('label_smoothing')}{batch}",
     }
 

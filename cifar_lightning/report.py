@@ -102,10 +102,11 @@ class Report:
             return {}
         fp32 = rows[(rows.model == "fp32") & ~rows.input.str.contains("_eps")]
         attacked = fp32[fp32.attack != "none"]
-        clean = fp32.set_index("input").loc["clean"]
+        by_input = fp32.set_index("input")
+        clean = by_input.loc["clean"]
         headline = {"test/acc": (clean.acc, f"FP32, {clean.images:,} images")}
-        if "fgsm" in set(fp32.input):
-            fgsm = fp32.set_index("input").loc["fgsm"]
+        if "fgsm" in by_input.index:
+            fgsm = by_input.loc["fgsm"]
             headline["test/fgsm_acc"] = (fgsm.acc, f"FGSM at ε = {fgsm.eps:.4f}, {fgsm.images:,} images")
         undefended = attacked[attacked.defense == "none"]
         if not undefended.empty:
@@ -145,7 +146,8 @@ class Report:
         # Transposed, each column mixes numbers and text, so the cells are formatted here; blank: not measured.
         summary = self.summary_frame().set_index("model").T.rename_axis("FP32 and int8").map(_cell)
         return {
-            "summary": headline.to_markdown(index=False, floatfmt=".4f") + "\n\n" + summary.to_markdown(disable_numparse=True),
+            "summary": (headline.to_markdown(index=False, floatfmt=".4f") + "\n\n"
+                        + summary.to_markdown(disable_numparse=True)),
             "tables/every_input": notes + "\n\n" + details.map(_cell).to_markdown(index=False, disable_numparse=True),
             "tables/per_class": self.per_class_frame().to_markdown(floatfmt=".3f"),
             "tables/stage_times": self.timings_frame().to_markdown(index=False, floatfmt=".1f"),
@@ -203,7 +205,8 @@ def prediction_figure(images: dict[str, Tensor], predictions: dict[str, dict[str
         for row, (kind, image) in enumerate(images.items()):
             caption, predicted = _caption(probabilities[kind])
             _show(axes[row, column], image, caption, predicted == label)
-            axes[row, 0].set_ylabel(kind, fontsize=9)
+    for row, kind in enumerate(images):
+        axes[row, 0].set_ylabel(kind, fontsize=9)
     figure.suptitle(f"{title}\ntrue class: {CLASSES[label]}; green = right, red = wrong", fontsize=10)
     return figure
 
