@@ -46,7 +46,7 @@ class RobustnessEvaluation(L.Callback):
     TensorBoard gets what a person reads at a glance (``dashboard.py``): the headline accuracies
     as ``test/…`` scalars and the run's HPARAMS row; the tables as text (``test/summary``,
     ``test/tables/every_input``, ``…/per_class``, ``…/stage_times``); the figures as images. The run
-    folder gets ``results.csv``, ``summary.csv``, ``results.md``, ``robust_masks.csv`` (per image of
+    folder gets ``results.csv``, ``summary.csv``, ``per_class.csv``, ``results.md``, ``robust_masks.csv`` (per image of
     the subset and input kind: robust or not) and the figures as PNG (rank 0). Other callbacks
     (``QuantizationEvaluation``) reuse the images it makes for each batch (``self.inputs``) and for
     the subset, and add their rows to ``self.report`` before it is written.

@@ -166,6 +166,7 @@ class Report:
         folder.mkdir(parents=True, exist_ok=True)
         write_atomic(folder / "results.csv", self.details().to_csv(index=False).encode())
         write_atomic(folder / "summary.csv", self.summary_frame().to_csv(index=False).encode())
+        write_atomic(folder / "per_class.csv", self.per_class_frame().rename_axis("rows").to_csv().encode())
         write_atomic(folder / "results.md", (self.markdown() + "\n").encode())
         if self.robust_masks is not None:
             write_atomic(folder / "robust_masks.csv", self.robust_masks.to_csv(index=False).encode())

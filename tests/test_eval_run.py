@@ -44,6 +44,20 @@ def test_summary_agrees_with_the_results_table(tested_run):
     assert "non-adaptive" in markdown and "## Wall time per stage" in markdown
 
 
+def test_per_class_accuracy_averages_to_the_overall_accuracy(tested_run, cifar_slice):
+    import numpy as np
+
+    acc = pd.read_csv(tested_run / "results.csv").set_index(["model", "input"]).acc
+    per_class = pd.read_csv(tested_run / "per_class.csv", index_col="rows")
+    with np.load(cifar_slice / "test.npz") as test:
+        counts = np.bincount(test["labels"], minlength=10)
+    assert list(per_class.index) == [f"{model} {kind}" for model in MODELS for kind in ("clean", "fgsm")]
+    for row, values in per_class.iterrows():
+        model, kind = row.split()
+        present = counts > 0  # a class absent from the slice has no accuracy
+        assert values.to_numpy()[present] @ counts[present] / counts.sum() == pytest.approx(acc[model, kind], abs=1e-6)
+
+
 def test_figures_are_written_and_logged(tested_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -154,3 +168,26 @@ def test_values_beyond_the_test_set_stop_with_one_line(cifar_slice, fitted_run, 
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"RobustnessEvaluation: {message}" in result.stderr
+
+
+def test_compare_studies_puts_each_run_in_its_own_column(tested_run, tmp_path):
+    import shutil
+
+    from scripts.compare_studies import every_input, per_class
+
+    other = tmp_path / "other"
+    shutil.copytree(tested_run, other, ignore=shutil.ignore_patterns("events.*", "*.png"))
+    results = pd.read_csv(other / "results.csv")
+    results.loc[(results.model == "fp32") & (results.input == "clean"), "acc"] = 0.5
+    results.to_csv(other / "results.csv", index=False)
+    table = every_input({"run": tested_run, "edited": other})
+    original = pd.read_csv(tested_run / "results.csv")
+    main_eps = original[~original.input.str.contains("_eps")]
+    assert len(table) == len(main_eps) and list(table.columns) == ["run", "edited"]
+    clean = table.index[0]
+    assert clean.startswith("fp32 clean,") and table.loc[clean, "edited"] == "50.00%"
+    assert table.loc[clean, "run"] == f"{main_eps.acc.iloc[0]:.2%}"
+    assert (table.iloc[1:].run == table.iloc[1:].edited).all()
+    classes = per_class({"run": tested_run})
+    masks = pd.read_csv(tested_run / "robust_masks.csv")
+    assert list(classes.columns) == ["run: clean", f"run: apgd-t chain ({len(masks):,})"]

@@ -62,3 +62,23 @@ def test_a_network_that_does_not_fit_cifar10s_classes_is_refused():
         ClassifierModule(num_classes=5)
     with pytest.raises(ValueError, match="the network returns 5 logits, not num_classes=10"):
         ClassifierModule(network=ImprovedCNN(num_classes=5))
+
+
+def test_time_to_accuracy_counts_epochs_and_running_minutes_across_a_resume(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from scripts.time_to_accuracy import first_reaching, validation_curve
+
+    # Two epochs, a pause of an hour (killed, then `--ckpt_path last`), the third epoch.
+    for session, (start, points) in enumerate([(1000, [(10, 0.70, 1060), (20, 0.80, 1120)]),
+                                               (5000, [(30, 0.90, 5060)])]):
+        writer = SummaryWriter(tmp_path, filename_suffix=f".{session}")
+        writer.add_scalar("train/loss", 1.0, 0, walltime=start)
+        for step, acc, wall_time in points:
+            writer.add_scalar("val/acc", acc, step, walltime=wall_time)
+        writer.close()
+    curve = validation_curve(tmp_path)
+    assert curve.epoch.tolist() == [1, 2, 3]
+    assert curve.minutes.tolist() == pytest.approx([1.0, 2.0, 3.0])
+    assert first_reaching(curve, 0.75) == ("2", "2.0")
+    assert first_reaching(curve, 0.95)[0].startswith("not reached (90.00% best, 3 epochs)")
