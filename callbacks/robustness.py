@@ -1,6 +1,7 @@
 """RobustnessEvaluation: FGSM and the defenses over the whole test set, strong attacks on a subset."""
 
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +13,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cifar_lightning.attacks import ENSEMBLE_MEMBERS, check_at_least_one, check_eps
-from cifar_lightning.dashboard import log_hparams, training_hparams
+from cifar_lightning.dashboard import log_hparams, training_hparams, trial_name
 from cifar_lightning.data import CLASSES
 from cifar_lightning.defenses import Defense, default_defenses
 from cifar_lightning.errors import ConfigError
@@ -288,7 +289,7 @@ class RobustnessEvaluation(L.Callback):
         headline = {tag: value for tag, (value, _) in self.report.headline().items() if tag != "test/acc"}
         trainer.logger.log_metrics(headline, step=trainer.global_step)  # test/acc: the LightningModule's
         weights = Path(trainer.ckpt_path).stem if trainer.ckpt_path else "untrained"
-        trial = f"{weights} (version {trainer.logger.version})"
+        trial = trial_name(weights, self.suite.eps, datetime.now())
         log_hparams(trainer.logger, self.dashboard_hparams(pl_module), trial)
         self.report.write(log_dir, figures)
         print(f"\nRobustness results in {log_dir / 'results.md'}\n\n"

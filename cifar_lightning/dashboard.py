@@ -9,6 +9,7 @@ their curves are compared in the SCALARS tab, and a test run carries the recipe 
 """
 
 from collections.abc import Mapping
+from datetime import datetime
 
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.plugins.hparams import summary_v2 as hp
@@ -34,12 +35,18 @@ HPARAMS = {
 }
 
 
+def eps_label(eps: float) -> str:
+    """A budget as people write it: 8/255 when it is a whole number of grey levels, else 0.03."""
+    levels = eps * 255
+    return f"{round(levels)}/255" if abs(levels - round(levels)) < 1e-6 else f"{eps:g}"
+
+
 def training_hparams(hparams: Mapping, epochs: int, batch_size: int | None) -> dict[str, str]:
     """The HPARAMS values of the recipe that trained the weights: ``hparams`` are
     ``ClassifierModule``'s as saved in the checkpoint (older checkpoints lack the newer keys), the
     batch size the data module's (None: not saved with the weights)."""
     method = hparams.get("adversarial", "none")
-    training = method if method == "none" else f"{method}, ε {hparams['adversarial_eps'] * 255:.3g}/255"
+    training = method if method == "none" else f"{method}, ε {eps_label(hparams['adversarial_eps'])}"
     optimizer = f"{hparams.get('optimizer', 'adamw')} {hparams.get('schedule', 'plateau')} lr {hparams.get('lr')}"
     batch = f", batch {batch_size}" if batch_size else ""
     return {
@@ -47,6 +54,13 @@ def training_hparams(hparams: Mapping, epochs: int, batch_size: int | None) -> d
         "recipe": f"{epochs} epoch{'' if epochs == 1 else 's'}, {optimizer}, weight decay {hparams.get('weight_decay')}, "
                   f"label smoothing {hparams.get('label_smoothing')}{batch}",
     }
+
+
+def trial_name(weights: str, eps: float, tested_at: datetime) -> str:
+    """A test run's trial ID in the HPARAMS table. TensorBoard averages the metrics of every run with
+    the same trial ID, as repeats of one trial; so it names the weights, the budget and the time of
+    the test, and two studies of one checkpoint (at 0.03 and at 8/255, say) stay two rows."""
+    return f"{weights} · ε {eps_label(eps)} · {tested_at:%Y-%m-%d %H:%M:%S}"
 
 
 def log_hparams(logger: object, hparams: Mapping[str, object], trial: str) -> None:

@@ -14,7 +14,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from cifar_lightning.dashboard import HEADLINE  # noqa: E402
+from cifar_lightning.dashboard import HEADLINE, eps_label  # noqa: E402
 from cifar_lightning.data import CLASSES  # noqa: E402
 
 # What each kind of row means, said only when the run has such rows: threat → sentence.
@@ -273,5 +273,5 @@ def accuracy_bars(rows: pd.DataFrame, eps: float) -> plt.Figure:
     axis.xaxis.set_major_formatter(PercentFormatter(1.0))
     axis.grid(axis="x", alpha=0.3)
     axis.legend(fontsize=9, loc="lower right")
-    axis.set_title(f"Test accuracy at ε = {eps * 255:.3g}/255", fontsize=11)
+    axis.set_title(f"Test accuracy at ε = {eps_label(eps)}", fontsize=11)
     return figure

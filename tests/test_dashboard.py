@@ -37,7 +37,7 @@ def test_hparams_tab_opens_on_the_headline_accuracies_and_the_recipe(dashboard, 
                        allowedStatuses=["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
                        colParams=[])["sessionGroups"]  # the test run; a training run is no HPARAMS row
     hparams = group["hparams"]
-    assert group["name"] == "best (version 0)"  # the weights' name and the run's folder
+    assert group["name"].startswith("best · ε 0.03 · 20")  # the weights, the budget, the time of the test
     assert hparams["adversarial_training"] == "none" and hparams["eps_test"] == 0.03
     assert hparams["recipe"] == "1 epoch, adamw plateau lr 0.001, weight decay 0.01, label smoothing 0.1, batch 64"
     assert hparams["defenses"] == "gaussian_k3, jpeg_q30, median_k3, tv_w0.1"
@@ -85,3 +85,27 @@ def test_hparams_row_names_the_adversarial_recipe_and_refuses_unknown_columns():
         "recipe": "15 epochs, sgd onecycle lr 0.1, weight decay 0.0005, label smoothing 0.0"}
     with pytest.raises(KeyError, match="'lr'"):
         log_hparams(None, {"lr": 0.1}, trial="x")
+
+
+def test_two_studies_of_one_checkpoint_are_two_hparams_rows(tmp_path):
+    """TensorBoard averages the runs of one trial ID: the same weights tested at two budgets must
+    stay two rows, each with its own numbers."""
+    from datetime import datetime
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from cifar_lightning.dashboard import log_hparams, trial_name
+
+    hparams = {"adversarial_training": "none", "defenses": "none", "recipe": "1 epoch"}
+    for eps, fgsm in ((0.03, 0.05), (8 / 255, 0.04)):
+        logger = TensorBoardLogger(tmp_path, name="", version=f"eps{eps:.4f}")  # both runs version 0 elsewhere
+        logger.log_metrics({"test/fgsm_acc": fgsm}, step=0)
+        log_hparams(logger, hparams | {"eps_test": eps}, trial_name("best", eps, datetime(2026, 11, 26, 4, 29)))
+        logger.finalize("success")
+    with serve(tmp_path, {"eps0.0300", "eps0.0314"}) as (_, get):
+        groups = get(hparams_request("session_groups", startIndex=0, sliceSize=100, colParams=[],
+                                     allowedStatuses=["STATUS_UNKNOWN", "STATUS_SUCCESS"]))["sessionGroups"]
+    fgsm = {group["name"]: [v["value"] for v in group["metricValues"] if v["name"]["tag"] == "test/fgsm_acc"]
+            for group in groups}
+    assert fgsm == {"best · ε 0.03 · 2026-11-26 04:29:00": [pytest.approx(0.05)],
+                    "best · ε 8/255 · 2026-11-26 04:29:00": [pytest.approx(0.04)]}
