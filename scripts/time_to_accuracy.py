@@ -5,8 +5,8 @@ from the run's TensorBoard events:
         --targets 0.80 0.85 0.8674 0.90
 
 Minutes are wall time spent running: from each events file's first event to the epoch's
-`val/acc` point, summed over the files of a resumed run, so the pause between a kill and
-`--ckpt_path last` does not count. They are only as idle as the machine was.
+`val/acc` point, summed over the files of a resumed run (a killed session up to its last logged
+scalar), so the pause between a kill and `--ckpt_path last` does not count. They are only as idle as the machine was.
 """
 
 import argparse
@@ -18,27 +18,28 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 TAG = "val/acc"
 
 
-def _scalars(file: Path) -> tuple[float, list]:
-    """(wall time of the file's first scalar, its ``TAG`` points)."""
+def _scalars(file: Path) -> tuple[float, float, list]:
+    """(wall times of the file's first and last scalar, its ``TAG`` points)."""
     events = EventAccumulator(str(file), size_guidance={"scalars": 0})
     events.Reload()
     tags = events.Tags()["scalars"]
     if TAG not in tags:
-        return float("inf"), []
-    return min(events.Scalars(tag)[0].wall_time for tag in tags), events.Scalars(TAG)
+        return float("inf"), float("inf"), []
+    times = [event.wall_time for tag in tags for event in events.Scalars(tag)]
+    return min(times), max(times), events.Scalars(TAG)
 
 
 def validation_curve(run: Path) -> pd.DataFrame:
     """One row per epoch (epoch, accuracy, running minutes) over every events file of ``run``."""
     files = sorted(map(_scalars, run.glob("events.out.tfevents.*")), key=lambda file: file[0])
-    if not any(points for _, points in files):
+    if not any(points for *_, points in files):
         raise SystemExit(f"time_to_accuracy: {run} has no {TAG!r} scalar. Fix: pass the folder of a fit run, "
                          f"e.g. lightning_logs/version_0")
     rows, minutes_before = [], 0.0
-    for start, points in files:
+    for start, end, points in files:
         rows += [{"step": p.step, "acc": p.value, "minutes": minutes_before + (p.wall_time - start) / 60}
                  for p in points]
-        minutes_before = rows[-1]["minutes"] if rows else 0.0
+        minutes_before += (end - start) / 60  # a killed session's work after its last validation counts too
     # A run resumed mid-epoch validates that epoch once, after the resume: the n-th step is epoch n.
     curve = pd.DataFrame(rows).drop_duplicates("step", keep="last").reset_index(drop=True)
     return curve.assign(epoch=curve.index + 1)

@@ -69,16 +69,17 @@ def test_time_to_accuracy_counts_epochs_and_running_minutes_across_a_resume(tmp_
 
     from scripts.time_to_accuracy import first_reaching, validation_curve
 
-    # Two epochs, a pause of an hour (killed, then `--ckpt_path last`), the third epoch.
-    for session, (start, points) in enumerate([(1000, [(10, 0.70, 1060), (20, 0.80, 1120)]),
-                                               (5000, [(30, 0.90, 5060)])]):
+    # Two epochs and half a minute more, a pause of an hour (killed, then `--ckpt_path last`), the third epoch.
+    for session, (start, end, points) in enumerate([(1000, 1150, [(10, 0.70, 1060), (20, 0.80, 1120)]),
+                                                    (5000, 5030, [(30, 0.90, 5030)])]):
         writer = SummaryWriter(tmp_path, filename_suffix=f".{session}")
         writer.add_scalar("train/loss", 1.0, 0, walltime=start)
+        writer.add_scalar("train/loss", 1.0, 1, walltime=end)
         for step, acc, wall_time in points:
             writer.add_scalar("val/acc", acc, step, walltime=wall_time)
         writer.close()
     curve = validation_curve(tmp_path)
     assert curve.epoch.tolist() == [1, 2, 3]
-    assert curve.minutes.tolist() == pytest.approx([1.0, 2.0, 3.0])
+    assert curve.minutes.tolist() == pytest.approx([1.0, 2.0, 3.0])  # 2.5 minutes in the first session, 0.5 after
     assert first_reaching(curve, 0.75) == ("2", "2.0")
     assert first_reaching(curve, 0.95)[0].startswith("not reached (90.00% best, 3 epochs)")
