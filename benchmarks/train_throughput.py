@@ -2,25 +2,33 @@
 the seed notebook's pipeline.
 
 `lightning` and `plain` train the same network (Normalized ImprovedCNN, channels_last) with the
-same optimizer, batch size, data (CIFAR10DataModule's in-memory uint8 tensors) and batch
-augmentation. `seed` is the notebook's way: a dataset of PIL images, per-image torchvision
-transforms (RandomCrop, RandomHorizontalFlip, ToTensor, Normalize) in a DataLoader, NCHW
-ImprovedCNN. All run the same number of steps after the same warm-up; the order rotates over
-repeats to share out drift.
+same optimizer — the recipe's: AdamW (the default config) or SGD with Nesterov momentum
+(configs/fast.yaml; its one-cycle schedule, a per-step cost, only `lightning` runs) — batch size,
+data (CIFAR10DataModule's in-memory uint8 tensors) and batch augmentation. `seed` is the
+notebook's way: a dataset of PIL images, per-image torchvision transforms (RandomCrop,
+RandomHorizontalFlip, ToTensor, Normalize) in a DataLoader, NCHW ImprovedCNN, AdamW. All run the
+same number of steps after the same warm-up; the order rotates over repeats to share out drift.
 
-    python benchmarks/train_throughput.py --data_dir ../shared/cifar10 --steps 30 --repeats 5
+    python benchmarks/train_throughput.py --data_dir ../shared/cifar10 --steps 30 --repeats 5 [--recipe fast]
 """
 
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from torch import nn
 
 from cifar_lightning.data import CIFAR10DataModule, random_crop_flip
 from cifar_lightning.module import ClassifierModule
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# ClassifierModule's arguments per recipe: its defaults are the default config's; the fast recipe's from its config.
+RECIPES = {"default": {}, "fast": yaml.safe_load((CONFIGS / "fast.yaml").read_text())["model"]}
 
 
 class _StepTimer(L.Callback):
@@ -35,21 +43,25 @@ class _StepTimer(L.Callback):
         self.end = time.perf_counter()
 
 
-def lightning_fit(datamodule: CIFAR10DataModule, steps: int, warmup: int) -> float:
+def lightning_fit(datamodule: CIFAR10DataModule, recipe: dict, steps: int, warmup: int) -> float:
     timer = _StepTimer(warmup)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, precision="32-true", max_steps=warmup + steps, limit_val_batches=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[timer],
     )
-    trainer.fit(ClassifierModule(), datamodule=datamodule)
+    trainer.fit(ClassifierModule(**recipe), datamodule=datamodule)
     return steps * datamodule.hparams.batch_size / (timer.end - timer.start)
 
 
-def plain_loop(datamodule: CIFAR10DataModule, steps: int, warmup: int) -> float:
-    module = ClassifierModule()  # only its network and its optimizer settings
-    net = module.net.train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=module.hparams.lr, weight_decay=module.hparams.weight_decay)
+def plain_loop(datamodule: CIFAR10DataModule, recipe: dict, steps: int, warmup: int) -> float:
+    module = ClassifierModule(**recipe)  # only its network and its optimizer settings
+    net, hp = module.net.train(), module.hparams
+    if hp.optimizer == "sgd":
+        optimizer = torch.optim.SGD(net.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=True,
+                                    weight_decay=hp.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
     batches = iter(datamodule.train_dataloader())
     for step in range(warmup + steps):
         if step == warmup:
@@ -86,7 +98,7 @@ class _PilImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
-def seed_pipeline(datamodule: CIFAR10DataModule, steps: int, warmup: int) -> float:
+def seed_pipeline(datamodule: CIFAR10DataModule, recipe: dict, steps: int, warmup: int) -> float:
     from cifar_lightning.models import ImprovedCNN
 
     images, labels = datamodule.train_set.tensors
@@ -116,6 +128,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--recipe", choices=list(RECIPES), default="default")
     args = parser.parse_args()
 
     datamodule = CIFAR10DataModule(data_dir=args.data_dir, batch_size=args.batch_size)
@@ -126,9 +139,9 @@ def main() -> None:
         order = names[repeat % len(names):] + names[:repeat % len(names)]
         for name in order:
             torch.manual_seed(repeat)
-            rates[name].append(PIPELINES[name](datamodule, args.steps, args.warmup))
+            rates[name].append(PIPELINES[name](datamodule, RECIPES[args.recipe], args.steps, args.warmup))
     base = statistics.median(rates["plain"])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+    print(f"recipe {args.recipe}, torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"{args.steps} steps after {args.warmup} warm-up, {args.repeats} repeats (median)")
     print(f"{'pipeline':<12}{'images/s':>10}{'vs plain':>10}   range over repeats")
     for name, values in rates.items():

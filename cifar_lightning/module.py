@@ -105,6 +105,7 @@ class ClassifierModule(L.LightningModule):
                 for name, metric in (("loss", MeanMetric()), ("acc", MulticlassAccuracy(num_classes, average="micro")))
             }
             | {f"val_{attack}_acc": MulticlassAccuracy(num_classes, average="micro") for attack in ("fgsm", "pgd")}
+            | {"test_acc_flip_average": MulticlassAccuracy(num_classes, average="micro")}
         )
         self.best_pgd_acc = 0.0  # for catastrophic overfitting; kept in checkpoints
         # The recipe behind the weights of the checkpoint last loaded (`dashboard.training_hparams`'s arguments).
@@ -114,9 +115,7 @@ class ClassifierModule(L.LightningModule):
         """Logits for images in [0, 1] of shape (N, 3, H, W)."""
         return self.net(images.contiguous(memory_format=torch.channels_last))
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        images, labels = batch
-        logits = self(images)
+    def _step(self, logits: Tensor, labels: Tensor, stage: str) -> Tensor:
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
         loss = nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing)
         self.metrics[f"{stage}_loss"].update(loss, weight=len(labels))
@@ -129,7 +128,7 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         images = self.training_attack(self.net, images.contiguous(memory_format=torch.channels_last), labels)
-        loss = self._step((images, labels), "train")
+        loss = self._step(self(images), labels, "train")
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at epoch {self.current_epoch}, step {self.global_step}. "
@@ -146,7 +145,7 @@ class ClassifierModule(L.LightningModule):
             self.lr_schedulers().step(val_loss)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._step(self(batch[0]), batch[1], "val")
         attacked = self.hparams.val_attack_images - batch_idx * self.trainer.val_dataloaders.batch_size
         if attacked > 0:
             images, labels = batch[0][:attacked], batch[1][:attacked]
@@ -182,12 +181,20 @@ class ClassifierModule(L.LightningModule):
                              "batch_size": checkpoint.get("datamodule_hyper_parameters", {}).get("batch_size")}
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+        images, labels = batch
+        logits = self(images)
+        self._step(logits, labels, "test")
+        # Test-time augmentation, an extra number beside test/acc and never in its place: the mean of the
+        # probabilities of each image and of its mirror image (training flips images left to right too).
+        flip_average = self.metrics["test_acc_flip_average"]
+        flip_average.update(logits.softmax(1) + self(images.flip(-1)).softmax(1), labels)
+        self.log("test/acc_flip_average", flip_average, on_step=False, on_epoch=True, logger=False, batch_size=len(labels))
 
     def on_test_epoch_end(self) -> None:
         # By hand: `self.log` would also add a point to the training run's `epoch` chart.
         if self.logger is not None:
-            self.logger.log_metrics({"test/acc": self.metrics["test_acc"].compute().item()}, step=self.global_step)
+            self.logger.log_metrics({tag: self.metrics[tag.replace("/", "_")].compute().item()
+                                     for tag in ("test/acc", "test/acc_flip_average")}, step=self.global_step)
 
     def configure_optimizers(self):
         hp = self.hparams

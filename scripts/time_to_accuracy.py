@@ -4,7 +4,7 @@ from the run's TensorBoard events:
     .venv/bin/python scripts/time_to_accuracy.py lightning_logs/reference/fit lightning_logs/version_3 \
         --targets 0.80 0.85 0.8674 0.90
 
-Minutes are wall time spent running: from each events file's first event to the epoch's
+Minutes are wall time spent running: from each events file's creation to the epoch's
 `val/acc` point, summed over the files of a resumed run (a killed session up to its last logged
 scalar), so the pause between a kill and `--ckpt_path last` does not count. They are only as idle as the machine was.
 """
@@ -19,14 +19,14 @@ TAG = "val/acc"
 
 
 def _scalars(file: Path) -> tuple[float, float, list]:
-    """(wall times of the file's first and last scalar, its ``TAG`` points)."""
+    """(wall times of the file's creation and of its last scalar, its ``TAG`` points). From the creation,
+    not the first scalar: a run resumed mid-epoch trains the rest of that epoch before it logs anything."""
     events = EventAccumulator(str(file), size_guidance={"scalars": 0})
     events.Reload()
     tags = events.Tags()["scalars"]
     if TAG not in tags:
         return float("inf"), float("inf"), []
-    times = [event.wall_time for tag in tags for event in events.Scalars(tag)]
-    return min(times), max(times), events.Scalars(TAG)
+    return events.FirstEventTimestamp(), max(e.wall_time for tag in tags for e in events.Scalars(tag)), events.Scalars(TAG)
 
 
 def validation_curve(run: Path) -> pd.DataFrame:

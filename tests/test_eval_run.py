@@ -2,6 +2,10 @@
 
 import pandas as pd
 import pytest
+import torch
+
+from cifar_lightning.data import load_cifar10
+from cifar_lightning.module import ClassifierModule
 
 from tests.conftest import small_subset
 from tests.helpers import callback_args, run_cli, scalars, write_config
@@ -30,6 +34,20 @@ def test_test_run_logs_the_headline_once_and_it_matches_the_tables(tested_run):
     assert logged["test/best_defense_acc"] == [pytest.approx(defended.groupby("defense").acc.min().max())]
     assert logged["test/int8_acc"] == [pytest.approx(acc["int8_dynamic", "clean"])]
     assert logged["test/int8_static_acc"] == [pytest.approx(acc["int8_static", "clean"])]
+
+
+def test_the_flip_average_is_logged_beside_the_plain_accuracy_not_in_its_place(cifar_slice, fitted_run, tested_run):
+    module = ClassifierModule.load_from_checkpoint(fitted_run / "checkpoints" / "best.ckpt").eval()
+    images, labels = load_cifar10(cifar_slice, train=False)
+    images = images.float() / 255
+    with torch.no_grad():
+        logits, mirrored = module(images), module(images.flip(-1))  # flip(-1): left to right
+    logged = scalars(tested_run)
+    plain = (logits.argmax(1) == labels).float().mean().item()
+    flip_average = ((logits.softmax(1) + mirrored.softmax(1)).argmax(1) == labels).float().mean().item()
+    assert logged["test/acc"] == [pytest.approx(plain)]
+    assert logged["test/acc_flip_average"] == [pytest.approx(flip_average)]
+    assert ((logits.softmax(1) + mirrored.softmax(1)).argmax(1) != logits.argmax(1)).any()  # two numbers, not one
 
 
 def test_summary_agrees_with_the_results_table(tested_run):

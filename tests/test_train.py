@@ -64,22 +64,26 @@ def test_a_network_that_does_not_fit_cifar10s_classes_is_refused():
         ClassifierModule(network=ImprovedCNN(num_classes=5))
 
 
-def test_time_to_accuracy_counts_epochs_and_running_minutes_across_a_resume(tmp_path):
+def test_time_to_accuracy_counts_epochs_and_running_minutes_across_a_resume(tmp_path, monkeypatch):
+    import time
+
     from torch.utils.tensorboard import SummaryWriter
 
     from scripts.time_to_accuracy import first_reaching, validation_curve
 
-    # Two epochs and half a minute more, a pause of an hour (killed, then `--ckpt_path last`), the third epoch.
+    # Two epochs and half a minute more; a pause of an hour (killed, then `--ckpt_path last`); the third
+    # epoch, which the resumed run finishes a minute after it starts and before it logs its first scalar.
     for session, (start, end, points) in enumerate([(1000, 1150, [(10, 0.70, 1060), (20, 0.80, 1120)]),
-                                                    (5000, 5030, [(30, 0.90, 5030)])]):
+                                                    (5000, 5060, [(30, 0.90, 5060)])]):
+        monkeypatch.setattr(time, "time", lambda: start)  # the events file's creation
         writer = SummaryWriter(tmp_path, filename_suffix=f".{session}")
-        writer.add_scalar("train/loss", 1.0, 0, walltime=start)
-        writer.add_scalar("train/loss", 1.0, 1, walltime=end)
+        monkeypatch.undo()
         for step, acc, wall_time in points:
             writer.add_scalar("val/acc", acc, step, walltime=wall_time)
+        writer.add_scalar("train/loss", 1.0, 1, walltime=end)
         writer.close()
     curve = validation_curve(tmp_path)
     assert curve.epoch.tolist() == [1, 2, 3]
-    assert curve.minutes.tolist() == pytest.approx([1.0, 2.0, 3.0])  # 2.5 minutes in the first session, 0.5 after
+    assert curve.minutes.tolist() == pytest.approx([1.0, 2.0, 3.5])  # 2.5 minutes in the first session, 1 after
     assert first_reaching(curve, 0.75) == ("2", "2.0")
     assert first_reaching(curve, 0.95)[0].startswith("not reached (90.00% best, 3 epochs)")
