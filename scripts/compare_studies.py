@@ -1,6 +1,6 @@
 """Test-time studies side by side, as markdown: one column per study, one row per number.
 
-    .venv/bin/python scripts/compare_studies.py "standard, 0.03=lightning_logs/reference/test" \
+    .venv/bin/python scripts/compare_studies.py "standard, 0.03=lightning_logs/reference_fast10/test" \
         "robust, 0.03=lightning_logs/reference_adv/test_eps0.03"
 
 Each study is `LABEL=RUN_FOLDER`, a folder that `cifar-lightning test` wrote (`results.csv`,

@@ -20,13 +20,16 @@ TAG = "val/acc"
 
 def _scalars(file: Path) -> tuple[float, float, list]:
     """(wall times of the file's creation and of its last scalar, its ``TAG`` points). From the creation,
-    not the first scalar: a run resumed mid-epoch trains the rest of that epoch before it logs anything."""
+    not the first scalar: a run resumed mid-epoch trains the rest of that epoch before it logs anything.
+    A file rewritten later (its events copied into a new file) has a creation after its scalars: then
+    from its first scalar."""
     events = EventAccumulator(str(file), size_guidance={"scalars": 0})
     events.Reload()
     tags = events.Tags()["scalars"]
     if TAG not in tags:
         return float("inf"), float("inf"), []
-    return events.FirstEventTimestamp(), max(e.wall_time for tag in tags for e in events.Scalars(tag)), events.Scalars(TAG)
+    times = [event.wall_time for tag in tags for event in events.Scalars(tag)]
+    return min(events.FirstEventTimestamp(), *times), max(times), events.Scalars(TAG)
 
 
 def validation_curve(run: Path) -> pd.DataFrame:

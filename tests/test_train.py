@@ -71,13 +71,16 @@ def test_time_to_accuracy_counts_epochs_and_running_minutes_across_a_resume(tmp_
 
     from scripts.time_to_accuracy import first_reaching, validation_curve
 
-    # Two epochs and half a minute more; a pause of an hour (killed, then `--ckpt_path last`); the third
-    # epoch, which the resumed run finishes a minute after it starts and before it logs its first scalar.
-    for session, (start, end, points) in enumerate([(1000, 1150, [(10, 0.70, 1060), (20, 0.80, 1120)]),
-                                                    (5000, 5060, [(30, 0.90, 5060)])]):
-        monkeypatch.setattr(time, "time", lambda: start)  # the events file's creation
+    # Two epochs and half a minute more, in a file rewritten later (created after its scalars); a pause of
+    # an hour (killed, then `--ckpt_path last`); the third epoch, which the resumed run finishes a minute
+    # after it starts and before it logs its first scalar.
+    for session, (created, start, end, points) in enumerate([(9000, 1000, 1150, [(10, 0.70, 1060), (20, 0.80, 1120)]),
+                                                             (5000, None, 5060, [(30, 0.90, 5060)])]):
+        monkeypatch.setattr(time, "time", lambda: created)
         writer = SummaryWriter(tmp_path, filename_suffix=f".{session}")
         monkeypatch.undo()
+        if start is not None:
+            writer.add_scalar("train/loss", 1.0, 0, walltime=start)
         for step, acc, wall_time in points:
             writer.add_scalar("val/acc", acc, step, walltime=wall_time)
         writer.add_scalar("train/loss", 1.0, 1, walltime=end)
