@@ -55,13 +55,8 @@ def lightning_fit(datamodule: CIFAR10DataModule, recipe: dict, steps: int, warmu
 
 
 def plain_loop(datamodule: CIFAR10DataModule, recipe: dict, steps: int, warmup: int) -> float:
-    module = ClassifierModule(**recipe)  # only its network and its optimizer settings
-    net, hp = module.net.train(), module.hparams
-    if hp.optimizer == "sgd":
-        optimizer = torch.optim.SGD(net.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=True,
-                                    weight_decay=hp.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    module = ClassifierModule(**recipe)  # only its network and its optimizer
+    net, optimizer = module.net.train(), module.make_optimizer()
     batches = iter(datamodule.train_dataloader())
     for step in range(warmup + steps):
         if step == warmup:

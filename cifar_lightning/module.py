@@ -196,13 +196,17 @@ class ClassifierModule(L.LightningModule):
             self.logger.log_metrics({tag: self.metrics[tag.replace("/", "_")].compute().item()
                                      for tag in ("test/acc", "test/acc_flip_average")}, step=self.global_step)
 
-    def configure_optimizers(self):
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """The recipe's optimizer over the network's weights, without its schedule."""
         hp = self.hparams
         if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0,
-                                        weight_decay=hp.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+            return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0,
+                                   weight_decay=hp.weight_decay)
+        return torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = self.make_optimizer()
         # `name`: LearningRateMonitor's tag, in the dashboard's train/ group rather than a group of its own.
         if hp.schedule == "onecycle":
             scheduler = torch.optim.lr_scheduler.OneCycleLR(

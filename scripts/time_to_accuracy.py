@@ -6,7 +6,8 @@ from the run's TensorBoard events:
 
 Minutes are wall time spent running: from each events file's creation to the epoch's
 `val/acc` point, summed over the files of a resumed run (a killed session up to its last logged
-scalar), so the pause between a kill and `--ckpt_path last` does not count. They are only as idle as the machine was.
+scalar), so the pause between a kill and `--ckpt_path last` does not count. They are only as idle
+as the machine was.
 """
 
 import argparse
