@@ -1,11 +1,9 @@
-"""Checkpoints from disk: loaded safely, checked against the model, and found again to resume.
+"""Checkpoints of the project's runs: checked against the model, found again to resume, trimmed to share.
 
-Every checkpoint is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
-containers only, so a file whose pickle would run code is refused instead of executed.
+Reading them (and model files from elsewhere), safely, is ``loading.py``'s job.
 """
 
-import pickle
-import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -21,51 +19,22 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, unsafe, or for another network; the message says how to fix it."""
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """The checkpoint at ``path`` as a dict with a ``state_dict``, loaded on the CPU, weights only."""
-    path = Path(path)
-    if not path.is_file():
-        problem = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise CheckpointError(f"checkpoint {path} {problem}. Fix: pass the path of a .ckpt file, e.g. "
-                              f"lightning_logs/version_0/checkpoints/best.ckpt, or --ckpt_path last.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
-        # torch.save writes a zip archive; an intact one whose pickle is refused holds code.
-        if isinstance(err, pickle.UnpicklingError) and zipfile.is_zipfile(path):
-            refused = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
-            raise CheckpointError(
-                f"refused to load {path}: it holds Python objects that would run code when loaded, not only "
-                f"weights ({(refused or ['weights_only=True'])[0]}). Fix: use a checkpoint saved by this project "
-                f"(cifar-lightning fit), or, if you trust its source, re-save its state_dict with torch.save."
-            ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint; it may be truncated ({str(err).splitlines()[0]}). "
-                              f"Fix: pass another checkpoint, e.g. the run's last.ckpt or best.ckpt.") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (no `state_dict` in it). Fix: pass a .ckpt "
-                              f"file written by cifar-lightning fit.")
-    broken = [name for name, tensor in checkpoint["state_dict"].items()
-              if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not tensor.isfinite().all()]
-    if broken:
-        shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
-        raise CheckpointError(f"{path} holds NaN or infinite weights ({shown}): the run that saved them diverged. "
-                              f"Fix: pass a checkpoint with finite weights, e.g. that run's best.ckpt.")
-    return checkpoint
-
-
-def check_matches(checkpoint: dict, module: nn.Module, path: str | Path) -> None:
-    """Raise :class:`CheckpointError` unless ``checkpoint``'s weights fit ``module`` key for key, shape for shape."""
+def check_matches(weights: Mapping[str, torch.Tensor], module: nn.Module, path: str | Path) -> None:
+    """Raise :class:`CheckpointError` unless ``weights`` (name → tensor, as in a ``state_dict``) fit
+    ``module`` key for key, shape for shape; the message shows the first mismatches of each kind."""
     expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
-    found = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items() if isinstance(t, torch.Tensor)}
-    problems = [f"missing {name}" for name in expected if name not in found]
-    problems += [f"unexpected {name}" for name in found if name not in expected]
-    problems += [f"{name} is {found[name]} in the checkpoint but {shape} in the model"
-                 for name, shape in expected.items() if name in found and found[name] != shape]
-    if problems:
-        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    found = {name: tuple(t.shape) for name, t in weights.items() if isinstance(t, torch.Tensor)}
+    kinds = [[f"missing {name}" for name in expected if name not in found],
+             [f"unexpected {name}" for name in found if name not in expected],
+             [f"{name} is {found[name]} in the file but {shape} in the model"
+              for name, shape in expected.items() if name in found and found[name] != shape]]
+    shown = [problem for problems in kinds for problem in problems[:2]]
+    hidden = sum(map(len, kinds)) - len(shown)
+    if shown:
         raise CheckpointError(
-            f"{path} holds weights of another network ({shown}). Fix: pass a checkpoint of the configured "
-            f"network, or set --model.network to the network the checkpoint was trained with."
+            f"{path} holds weights of another network ({'; '.join(shown)}{f'; and {hidden} more' if hidden else ''}). "
+            f"Fix: set --model.network.class_path (and its init_args) to the network the file was saved from, or "
+            f"pass a file of the configured network."
         )
 
 

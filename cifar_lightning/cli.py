@@ -12,16 +12,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from cifar_lightning.checkpoints import (
-    LAST,
-    CheckpointError,
-    check_matches,
-    check_resumable,
-    latest_last_checkpoint,
-    load_checkpoint,
-)
+from cifar_lightning.checkpoints import LAST, CheckpointError, check_matches, check_resumable, latest_last_checkpoint
 from cifar_lightning.data import CIFAR10DataError, CIFAR10DataModule
 from cifar_lightning.errors import ConfigError
+from cifar_lightning.loading import LIGHTNING, load_network, read_model_file
 from cifar_lightning.module import ClassifierModule, NonFiniteLossError
 
 
@@ -81,9 +75,9 @@ class CifarLightningCLI(LightningCLI):
     def parse_arguments(self, parser, args) -> None:
         """After parsing, and before Lightning seeds and reads the checkpoint's hyperparameters: refuse a
         seed or runs folder that cannot work, resolve ``--ckpt_path last``, refuse a missing, unreadable or
-        unsafe checkpoint, and resume a fit in place."""
+        unsafe model file, and resume a fit in place."""
         super().parse_arguments(parser, args)
-        self._checkpoint = None
+        self._model_file = None
         subcommand = self.config.subcommand
         config = self.config[subcommand]
         if not 0 <= config.seed_everything < 2**32:  # numpy's range; a bool (true: a random seed) is 0 or 1
@@ -97,14 +91,25 @@ class CifarLightningCLI(LightningCLI):
         if config.ckpt_path == "last":
             config.ckpt_path = self._latest_last_checkpoint(runs_dir, subcommand)
         if config.ckpt_path:
-            self._checkpoint = load_checkpoint(config.ckpt_path)
-            if subcommand == "fit":
-                check_resumable(self._checkpoint, config.ckpt_path)
+            self._model_file = read_model_file(config.ckpt_path)
+            if subcommand == "fit" and self._model_file.format == LIGHTNING:
+                check_resumable(self._model_file.content, config.ckpt_path)
                 self._resume_in_place(config.trainer, runs_dir, Path(config.ckpt_path))
+            elif subcommand == "fit" and self._model_file.is_program:
+                raise CheckpointError(f"fit trains --model.network, and {config.ckpt_path} is a "
+                                      f"{self._model_file.format}, a fixed program. Fix: evaluate it with "
+                                      f"cifar-lightning test, or fit from a state_dict of its network (with "
+                                      f"--model.network.class_path set to that network).")
         elif subcommand != "fit":
             raise CheckpointError(f"{subcommand} needs --ckpt_path: without it, it would evaluate an untrained "
                                   f"network. Fix: pass a checkpoint, e.g. weights/improvedcnn_cifar10.ckpt or a run's "
                                   f"best.ckpt, or --ckpt_path last.")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the hyperparameters of the checkpoint, with torch.load; a model file from
+        # outside has none, and may be no torch.save file at all.
+        if self._model_file is None or self._model_file.format == LIGHTNING:
+            super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         trainer = self.config[self.subcommand].trainer
@@ -158,17 +163,22 @@ class CifarLightningCLI(LightningCLI):
                 err = err.__cause__
             raise ConfigError(f"invalid configuration: {err}") from None
 
-    def _check_checkpoint(self) -> None:
-        """Refuse a checkpoint of another network before the run starts, and make Lightning load it
-        weights-only too."""
+    def _load_model_file(self) -> None:
+        """Before the run: refuse a Lightning checkpoint of another network, and make Lightning restore it
+        weights-only too; or put the model of a file from outside into the module, for Lightning to run
+        as it is (a fit starts from its weights)."""
         config = self.config_init[self.subcommand]
-        if self._checkpoint is not None:
-            check_matches(self._checkpoint, self.model, config.ckpt_path)
-            self._checkpoint = None  # Lightning loads it again to restore it; free this copy
+        model_file, self._model_file = self._model_file, None  # free this copy when the run starts
+        if model_file is not None and model_file.format == LIGHTNING:
+            check_matches(model_file.content["state_dict"], self.model, model_file.path)
+        elif model_file is not None:
+            self.model.net.model = load_network(model_file, self.model.net.model)
+            self.model.loaded_from = str(model_file.path)
+            config.ckpt_path = None  # Lightning restores its own checkpoints only
         if "weights_only" in config:
             config.weights_only = True
 
-    before_fit = before_validate = before_test = before_predict = _check_checkpoint
+    before_fit = before_validate = before_test = before_predict = _load_model_file
 
 
 def _fail(message: str) -> None:

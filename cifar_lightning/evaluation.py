@@ -1,20 +1,23 @@
-"""The test-time robustness study as plain functions over tensors (no Lightning).
+"""The test-time robustness study's parts as plain functions over tensors (no Lightning).
 
 For each test batch the attacked and defended images are made once (:class:`AttackSuite`) and
-then fed to every model that is evaluated (:func:`predict`); :class:`RobustnessMetrics` keeps
-torchmetrics state per input kind, so that under DDP the numbers are synced over all ranks.
+then fed to every model under test (:func:`predict`); :class:`RobustnessMetrics` keeps
+torchmetrics state per input kind, so that under DDP the numbers are synced over all ranks. The
+strong attacks run on a subset (:class:`StrongAttacks`). ``study.Study`` puts the parts together.
 
-Input kinds, named as in the TensorBoard tags ``test/<model>/<input>/<metric>``: on every test
-image ``clean``, ``fgsm``, ``clean/<defense>``, ``fgsm/<defense>``, ``fgsm_eps<ε>`` and
-``fgsm_eps<ε>/<defense>`` (the ε sweep); on the strong attacks' subset ``pgd``, the ensemble's
-members (``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``), each with ``_eps<ε>`` for the sweep, and
-``adaptive/<defense>``; for the int8 models ``transfer`` and ``whitebox``.
+An input kind is a value (:class:`InputKind`): what made the images (attack, ε, steps, restarts),
+the defense in front of the model, and the attacker's knowledge (threat). Its name — ``clean``,
+``fgsm``, ``clean/<defense>``, ``fgsm/<defense>``, ``fgsm_eps<ε>[/<defense>]`` (the ε sweep),
+``pgd``, the ensemble's members (``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``) with ``_eps<ε>``
+in the sweep, ``adaptive/<defense>``, and for models without gradients ``transfer`` and
+``whitebox`` — is derived from it for tables and tags, and never parsed back.
 """
 
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -35,6 +38,88 @@ from cifar_lightning.attacks import (
 from cifar_lightning.data import CLASSES
 from cifar_lightning.defenses import Defense
 
+# Names of the attacks in the tables; the ensemble's members as in ``attacks.ENSEMBLE_BUDGETS``.
+ATTACK_TITLES = {"none": "none", "fgsm": "FGSM", "pgd": "PGD", "transfer": "FP32 worst case"} | {
+    member: title for member, (title, _, _) in ENSEMBLE_BUDGETS.items()}
+
+
+# Threats whose rows are named after the threat rather than the attack.
+_NAMED_BY_THREAT = {"adaptive": "adaptive", "transfer": "transfer", "white-box (surrogate)": "whitebox"}
+
+
+@dataclass(frozen=True)
+class InputKind:
+    """One kind of input a model is scored on.
+
+    Args:
+        attack: what made the images: ``none`` (clean), ``fgsm``, ``pgd``, an ensemble member, or
+            ``transfer`` (another model's worst case along the chain ``worst_of``).
+        eps: the budget in [0, 1] pixel space (L∞), exactly as configured; 0 for clean images.
+        steps, restarts: the attack's steps (Square: queries) and random starts.
+        defense: the defense's name (``defenses.Defense.name``) in front of the model, or None.
+        threat: ``none``, ``non-adaptive`` (crafted without the defense), ``white-box``,
+            ``adaptive`` (through the defense), ``transfer``, ``white-box (surrogate)``.
+        sweep: a budget of the ε sweep rather than the study's main ε (it names the kind ``…_eps<ε>``).
+        worst_of: the attacks an image had to survive to count as robust (the strong attacks' chains).
+    """
+
+    attack: str = "none"
+    eps: float = 0.0
+    steps: int = 0
+    restarts: int = 0
+    defense: str | None = None
+    threat: str = "none"
+    sweep: bool = False
+    worst_of: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        base = _NAMED_BY_THREAT.get(self.threat) or ("clean" if self.attack == "none" else self.attack)
+        suffix = f"_eps{self.eps:.4f}" if self.sweep else ""
+        return f"{base}{suffix}" + (f"/{self.defense}" if self.defense else "")
+
+    @property
+    def attacked(self) -> bool:
+        return self.attack != "none"
+
+    def row(self) -> dict[str, object]:
+        """The columns of a ``results.csv`` row that say what the row measures."""
+        return {"input": self.name, "attack": ATTACK_TITLES[self.attack], "eps": self.eps, "steps": self.steps,
+                "restarts": self.restarts, "defense": self.defense or "none", "threat": self.threat}
+
+    def defended(self, defense: Defense) -> "InputKind":
+        return InputKind(self.attack, self.eps, self.steps, self.restarts, defense.name, self.threat, self.sweep,
+                         self.worst_of)
+
+
+CLEAN = InputKind()
+
+
+@dataclass
+class ModelUnderTest:
+    """A model the study scores.
+
+    Args:
+        name: its name in tables and tags (``fp32``, ``int8_dynamic``, …).
+        model: [0, 1] images (N, 3, 32, 32) → logits (N, 10), in eval mode.
+        device: where it runs; its inputs are moved there.
+        gradients: a gradient attack can run on it (white-box); without, it is scored on the first
+            model's worst-case images (transfer) and, given a ``surrogate``, by PGD on that.
+        surrogate: a differentiable stand-in with the same predictions (e.g. a fake-quantized copy).
+        sweep: score it on the ε sweep too (the int8 copies leave it out: it stays an FP32 study).
+    """
+
+    name: str
+    model: nn.Module
+    device: torch.device
+    gradients: bool = True
+    surrogate: nn.Module | None = None
+    sweep: bool = True
+
+
+def fgsm_kind(eps: float, sweep: bool = False) -> InputKind:
+    return InputKind("fgsm", eps, steps=1, restarts=1, threat="non-adaptive", sweep=sweep)
+
 
 class StageTimer:
     """Wall seconds per named stage, summed over batches."""
@@ -47,10 +132,6 @@ class StageTimer:
         start = time.perf_counter()
         yield
         self.seconds[stage] += time.perf_counter() - start
-
-
-def sweep_name(eps: float) -> str:
-    return f"fgsm_eps{eps:.4f}"
 
 
 class AttackSuite:
@@ -66,39 +147,43 @@ class AttackSuite:
 
     def __init__(self, eps: float, defenses: Sequence[Defense], eps_sweep: Sequence[float] = ()) -> None:
         self.eps, self.defenses, self.eps_sweep = eps, list(defenses), list(eps_sweep)
-        self.timer = StageTimer()
 
     @property
-    def input_names(self) -> list[str]:
-        names = ["clean", "fgsm"]
-        names += [f"{kind}/{d.name}" for kind in ("clean", "fgsm") for d in self.defenses]
-        for eps in self.eps_sweep:
-            names += [sweep_name(eps)] + [f"{sweep_name(eps)}/{d.name}" for d in self.defenses]
-        return names
+    def attacked_kinds(self) -> list[InputKind]:
+        """FGSM at the main ε, then at each budget of the sweep."""
+        return [fgsm_kind(self.eps)] + [fgsm_kind(eps, sweep=True) for eps in self.eps_sweep]
 
-    def describe(self, input_name: str) -> dict[str, object]:
-        """What an input kind is: its attack, budget, defense, and the attacker's knowledge."""
-        kind, _, defense = input_name.partition("/")
-        eps = {"clean": 0.0, "fgsm": self.eps}.get(kind)
-        if eps is None:  # fgsm_eps<ε>
-            eps = float(kind.removeprefix("fgsm_eps"))
-        return {"attack": "none" if kind == "clean" else "FGSM", "eps": eps, "steps": 0 if kind == "clean" else 1,
-                "restarts": 0 if kind == "clean" else 1, "defense": defense or "none",
-                "threat": "none" if kind == "clean" else "non-adaptive"}
+    @property
+    def kinds(self) -> list[InputKind]:
+        """Every input kind of a batch, in the tables' order."""
+        main, *sweep = self.attacked_kinds
+        kinds = [CLEAN, main] + [kind.defended(d) for kind in (CLEAN, main) for d in self.defenses]
+        for kind in sweep:
+            kinds += [kind] + [kind.defended(d) for d in self.defenses]
+        return kinds
 
-    def __call__(self, model: nn.Module, images: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    def __call__(self, model: nn.Module, images: Tensor, labels: Tensor, timer: StageTimer) -> dict[str, Tensor]:
         """All input kinds for a batch of [0, 1] images (N, 3, H, W), by name, on their device."""
-        inputs = {"clean": images}
-        with self.timer("fgsm"):
-            inputs["fgsm"] = run_attack(fgsm(model, self.eps), images, labels)
-        for eps in self.eps_sweep:
-            with self.timer("fgsm (ε sweep)"):
-                inputs[sweep_name(eps)] = run_attack(fgsm(model, eps), images, labels)
+        inputs = {CLEAN.name: images}
+        for kind in self.attacked_kinds:
+            with timer("fgsm (ε sweep)" if kind.sweep else "fgsm"):
+                inputs[kind.name] = run_attack(fgsm(model, kind.eps), images, labels)
         for defense in self.defenses:
-            with self.timer(f"defense {defense.name}"):
-                for kind in ["clean", "fgsm", *map(sweep_name, self.eps_sweep)]:
-                    inputs[f"{kind}/{defense.name}"] = defense(inputs[kind])
+            with timer(f"defense {defense.name}"):
+                for kind in [CLEAN, *self.attacked_kinds]:
+                    inputs[kind.defended(defense).name] = defense(inputs[kind.name])
         return inputs
+
+    def standing(self, probabilities: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
+        """Per image, where the strong attacks' chains start, by input name: right on the clean image
+        (``clean``); right on it and after FGSM at each budget (``fgsm``, ``fgsm_eps<ε>``); right on
+        the defended clean and FGSM images (``fgsm/<defense>``). Only the kinds in ``probabilities``."""
+        right = {name: p.argmax(dim=1) == labels for name, p in probabilities.items()}
+        standing = {CLEAN.name: right[CLEAN.name]}
+        standing |= {k.name: right[CLEAN.name] & right[k.name] for k in self.attacked_kinds if k.name in right}
+        main = fgsm_kind(self.eps)
+        return standing | {main.defended(d).name: right[CLEAN.defended(d).name] & right[main.defended(d).name]
+                           for d in self.defenses}
 
 
 def stratified_subset(labels: Tensor, size: int | None, seed: int = 0) -> Tensor:
@@ -137,6 +222,13 @@ def _pgd_from(seed: int, model: nn.Module, eps: float, steps: int, images: Tenso
     return run_attack(pgd(model, eps, steps), images, labels, seed)
 
 
+def _timed(timer: StageTimer, stage: str, attack):
+    def timed(images: Tensor, labels: Tensor) -> Tensor:
+        with timer(stage):
+            return attack(images, labels)
+    return timed
+
+
 class StrongAttacks:
     """The attacker the field uses, on a fixed subset of the test set (they cost 20 to 1,000 model
     passes an image): PGD with restarts, an AutoAttack-style ensemble (Croce & Hein 2020) with the
@@ -146,6 +238,8 @@ class StrongAttacks:
     PGD, then each ensemble member, each only on the images still standing, so an image counts as
     robust only if it survives every attack up to that one, and accuracies can only fall along the
     chain. The adaptive attack on a defense starts from the images that FGSM-then-defense left.
+    A model without gradients is scored on another model's worst-case images (``transfer``) and,
+    given a differentiable surrogate, by PGD on that surrogate (``whitebox``).
 
     Args:
         eps: budget in [0, 1] pixel space (L∞); ``eps_sweep``: further budgets for the ε curve.
@@ -165,63 +259,53 @@ class StrongAttacks:
         self.pgd_steps, self.pgd_restarts, self.ensemble = pgd_steps, pgd_restarts, list(ensemble)
         self.sweep_ensemble, self.adaptive, self.seed = sweep_ensemble, adaptive, seed
 
-    def chain(self, eps: float) -> list[str]:
-        """The attacks after FGSM at budget ``eps``."""
-        return ["pgd", *self.ensemble] if eps == self.eps or self.sweep_ensemble else ["pgd"]
+    def chain(self, eps: float) -> list[InputKind]:
+        """The attacks after FGSM at budget ``eps``, each with the chain an image had to survive."""
+        sweep = eps != self.eps
+        members = ["pgd", *self.ensemble] if not sweep or self.sweep_ensemble else ["pgd"]
+        budgets = {"pgd": (self.pgd_steps, self.pgd_restarts)} | {m: ENSEMBLE_BUDGETS[m][1:] for m in self.ensemble}
+        return [InputKind(member, eps, *budgets[member], threat="white-box", sweep=sweep,
+                          worst_of=("fgsm", *members[: i + 1])) for i, member in enumerate(members)]
 
-    def _suffix(self, eps: float) -> str:
-        return "" if eps == self.eps else f"_eps{eps:.4f}"
+    def adaptive_kind(self, defense: Defense) -> InputKind:
+        return InputKind("pgd", self.eps, self.pgd_steps, self.pgd_restarts, defense.name, "adaptive",
+                         worst_of=("fgsm", "pgd"))
 
     @property
-    def input_names(self) -> list[str]:
-        names = [f"{attack}{self._suffix(eps)}" for eps in [self.eps, *self.eps_sweep] for attack in self.chain(eps)]
-        return names + ([f"adaptive/{d.name}" for d in self.defenses] if self.adaptive else [])
+    def kinds(self) -> list[InputKind]:
+        """The rows of a model with gradients, in the tables' order."""
+        kinds = [kind for eps in [self.eps, *self.eps_sweep] for kind in self.chain(eps)]
+        return kinds + ([self.adaptive_kind(d) for d in self.defenses] if self.adaptive else [])
 
-    def describe(self, input_name: str) -> dict[str, object]:
-        kind, _, defense = input_name.partition("/")
-        attack, _, eps = kind.partition("_eps")
-        chain = ["fgsm", "pgd", *self.ensemble]
-        if attack == "transfer":  # an int8 model on the FP32 model's worst-case images
-            return {"attack": "FP32 worst case", "eps": self.eps, "steps": 0, "restarts": 0, "defense": "none",
-                    "threat": "transfer", "worst_of": "+".join(chain)}
-        if attack == "whitebox":  # PGD on the int8 model's fake-quantized surrogate
-            return {"attack": "PGD", "eps": self.eps, "steps": self.pgd_steps, "restarts": self.pgd_restarts,
-                    "defense": "none", "threat": "white-box (surrogate)", "worst_of": "fgsm+pgd"}
-        # Square's steps are queries.
-        name, steps, restarts = {"pgd": ("PGD", self.pgd_steps, self.pgd_restarts),
-                                 "adaptive": ("PGD", self.pgd_steps, self.pgd_restarts), **ENSEMBLE_BUDGETS}[attack]
-        return {"attack": name,
-                "eps": float(eps) if eps else self.eps, "steps": steps, "restarts": restarts,
-                "defense": defense or "none", "threat": "adaptive" if defense else "white-box",
-                "worst_of": "fgsm+pgd" if defense else "+".join(chain[: chain.index(attack) + 1])}
-
-    def standing(self, probabilities: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
-        """Per image, right on the clean image and after FGSM, where each chain starts: ``fgsm``,
-        ``fgsm_eps<ε>`` and, right on the defended clean and FGSM images, ``fgsm/<defense>``; and
-        ``clean``, right on the clean image."""
-        right = {name: p.argmax(dim=1) == labels for name, p in probabilities.items()}
-        standing = {"clean": right["clean"]}
-        standing |= {name: right["clean"] & right[name] for name in ["fgsm", *map(sweep_name, self.eps_sweep)]}
-        return standing | {f"fgsm/{d.name}": right[f"clean/{d.name}"] & right[f"fgsm/{d.name}"] for d in self.defenses}
+    def without_gradients_kinds(self, surrogate: bool) -> list[InputKind]:
+        """The rows of a model without gradients: the worst case of the white-box chain at ``eps``,
+        transferred, and PGD on its surrogate when it has one."""
+        transfer = InputKind("transfer", self.eps, threat="transfer", worst_of=self.chain(self.eps)[-1].worst_of)
+        whitebox = InputKind("pgd", self.eps, self.pgd_steps, self.pgd_restarts, threat="white-box (surrogate)",
+                             worst_of=("fgsm", "pgd"))
+        return [transfer, whitebox] if surrogate else [transfer]
 
     def __call__(self, model: nn.Module, images: Tensor, labels: Tensor, standing: dict[str, Tensor],
                  timer: StageTimer) -> tuple[dict[str, Tensor], Tensor]:
         """Robust masks (N,) bool by input name, and the adversarial images at ``eps`` (each image's
         first success along the chain, else the last attempt).
 
-        ``standing``: per-image correctness after FGSM from the per-batch study, for ``fgsm``,
-        ``fgsm_eps<ε>`` and ``fgsm/<defense>`` (correct on the clean image too).
+        ``standing``: per-image correctness after FGSM from the per-batch study
+        (``AttackSuite.standing``).
         """
         masks, judge = {}, partial(predicted_labels, model)
         for eps in [self.eps, *self.eps_sweep]:
-            attacks = {"pgd": self._timed(timer, "pgd", pgd_with_restarts(
-                model, eps, self.pgd_steps, self.pgd_restarts, self.seed))}
-            attacks |= {name: self._timed(timer, name, partial(
-                lambda x, y, name, eps: run_attack(ensemble_member(name, model, eps, self.seed), x, y, self.seed),
-                name=name, eps=eps)) for name in self.chain(eps)[1:]}
-            fgsm_name = "fgsm" if eps == self.eps else sweep_name(eps)
-            adversarial, robust = attack_chain(attacks, judge, images, labels, standing[fgsm_name])
-            masks |= {f"{name}{self._suffix(eps)}": mask for name, mask in robust.items()}
+            chain = self.chain(eps)
+            attacks = {}
+            for kind in chain:
+                if kind.attack == "pgd":
+                    attack = pgd_with_restarts(model, eps, self.pgd_steps, self.pgd_restarts, self.seed)
+                else:
+                    attack = partial(lambda x, y, member, eps: run_attack(ensemble_member(member, model, eps, self.seed),
+                                                                          x, y, self.seed), member=kind.attack, eps=eps)
+                attacks[kind.name] = _timed(timer, kind.attack, attack)
+            adversarial, robust = attack_chain(attacks, judge, images, labels, standing[fgsm_kind(eps, eps != self.eps).name])
+            masks |= robust
             if eps == self.eps:
                 worst = adversarial
         for defense in self.defenses if self.adaptive else []:
@@ -229,17 +313,11 @@ class StrongAttacks:
             defended_judge = lambda x, defense=defense: predicted_labels(model, defense(x))  # noqa: E731
             attack = pgd_with_restarts(defended, self.eps, self.pgd_steps, self.pgd_restarts, self.seed,
                                        judge=defended_judge)
-            _, robust = attack_chain({"adaptive": self._timed(timer, f"adaptive {defense.name}", attack)},
-                                     defended_judge, images, labels, standing[f"fgsm/{defense.name}"])
-            masks[f"adaptive/{defense.name}"] = robust["adaptive"]
+            kind = self.adaptive_kind(defense)
+            _, robust = attack_chain({kind.name: _timed(timer, f"adaptive {defense.name}", attack)},
+                                     defended_judge, images, labels, standing[fgsm_kind(self.eps).defended(defense).name])
+            masks |= robust
         return masks, worst
-
-    @staticmethod
-    def _timed(timer: StageTimer, stage: str, attack):
-        def timed(images: Tensor, labels: Tensor) -> Tensor:
-            with timer(stage):
-                return attack(images, labels)
-        return timed
 
 
 @torch.inference_mode()
@@ -271,18 +349,15 @@ class AttackSuccessRate(Metric):
         return self.flipped / self.correct if self.correct else torch.tensor(float("nan"))
 
 
-def is_attack(input_name: str) -> bool:
-    return not input_name.startswith("clean")
-
-
 class RobustnessMetrics:
     """Accuracy for every input kind, attack success for the attacked ones, per-class accuracy
     for clean and FGSM images, and agreement with a reference model's predictions."""
 
-    def __init__(self, input_names: Sequence[str], device: torch.device, num_classes: int = len(CLASSES)) -> None:
-        self.accuracy = {n: MulticlassAccuracy(num_classes, average="micro").to(device) for n in input_names}
-        self.success = {n: AttackSuccessRate().to(device) for n in input_names if is_attack(n)}
-        self.per_class = {n: MulticlassAccuracy(num_classes, average=None).to(device) for n in ("clean", "fgsm")}
+    def __init__(self, kinds: Sequence[InputKind], device: torch.device, num_classes: int = len(CLASSES)) -> None:
+        self.accuracy = {k.name: MulticlassAccuracy(num_classes, average="micro").to(device) for k in kinds}
+        self.success = {k.name: AttackSuccessRate().to(device) for k in kinds if k.attacked}
+        per_class = [k.name for k in kinds if not k.defense and not k.sweep]  # clean and FGSM at the main ε
+        self.per_class = {n: MulticlassAccuracy(num_classes, average=None).to(device) for n in per_class}
         self.agreement = MulticlassAccuracy(num_classes, average="micro").to(device)
         self.images = SumMetric().to(device)
 
@@ -292,11 +367,11 @@ class RobustnessMetrics:
         for name, metric in self.accuracy.items():
             metric.update(preds[name], target)
         for name, metric in self.success.items():
-            metric.update(preds["clean"], preds[name], target)
+            metric.update(preds[CLEAN.name], preds[name], target)
         for name, metric in self.per_class.items():
             metric.update(preds[name], target)
         if reference is not None:
-            self.agreement.update(preds["clean"], reference)
+            self.agreement.update(preds[CLEAN.name], reference)
         self.images.update(len(target))
 
     def compute(self) -> dict:
@@ -316,19 +391,19 @@ class RobustAccuracy:
     share of the images right when clean, the ``clean`` mask, that an attack fools); synced over
     ranks like :class:`RobustnessMetrics`, whose ``compute`` layout it shares."""
 
-    def __init__(self, input_names: Sequence[str], device: torch.device) -> None:
-        self.robust = {name: SumMetric().to(device) for name in ["clean", *input_names]}
+    def __init__(self, kinds: Sequence[InputKind], device: torch.device) -> None:
+        self.robust = {name: SumMetric().to(device) for name in [CLEAN.name, *(k.name for k in kinds)]}
         self.images = SumMetric().to(device)
 
     def update(self, masks: dict[str, Tensor]) -> None:
         for name, metric in self.robust.items():
             metric.update(masks[name].sum())
-        self.images.update(len(masks["clean"]))
+        self.images.update(len(masks[CLEAN.name]))
 
     def compute(self) -> dict:
         images = int(self.images.compute().item())
         robust = {name: m.compute().item() for name, m in self.robust.items()}
-        right = robust.pop("clean")
+        right = robust.pop(CLEAN.name)
         return {"acc": {name: count / images for name, count in robust.items()},
                 "attack_success": {name: 1 - count / right if right else float("nan") for name, count in robust.items()},
                 "images": images, "clean_acc": right / images}

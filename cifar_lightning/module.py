@@ -1,6 +1,7 @@
 """ClassifierModule: trains any image classifier on [0, 1] CIFAR-10 batches."""
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import lightning as L
@@ -15,21 +16,49 @@ from cifar_lightning.attacks import fgsm, pgd, run_attack
 from cifar_lightning.data import CIFAR10_MEAN, CIFAR10_STD, CLASSES
 from cifar_lightning.models import ImprovedCNN, Normalized
 
+# What ImprovedCNN takes: CIFAR-10 images standardised per channel.
+CIFAR10_NORMALIZATION = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+def _check_normalization(normalization: dict[str, Sequence[float]] | None) -> None:
+    """Raise ValueError, naming the field, unless ``normalization`` is null or a finite mean and a std > 0
+    for each of the 3 channels."""
+    fix = (f"Fix: --model.normalization '{{mean: [r, g, b], std: [r, g, b]}}' as the network was trained, e.g. "
+           f"CIFAR-10's {{mean: {list(CIFAR10_MEAN)}, std: {list(CIFAR10_STD)}}}, or null for a network that takes "
+           f"[0, 1] pixels")
+    if normalization is None:
+        return
+    if set(normalization) != {"mean", "std"}:
+        raise ValueError(f"ClassifierModule: normalization has the keys {sorted(normalization)}, not mean and std. "
+                         f"{fix}")
+    for key, values in normalization.items():
+        if len(values) != 3:
+            raise ValueError(f"ClassifierModule: normalization.{key} has {len(values)} values, not 3 (one per RGB "
+                             f"channel). {fix}")
+        if not all(math.isfinite(value) and (key == "mean" or value > 0) for value in values):
+            rule = "finite" if key == "mean" else "finite and > 0"
+            raise ValueError(f"ClassifierModule: normalization.{key}={list(values)} must be {rule}. {fix}")
 
 
 class ClassifierModule(L.LightningModule):
     """Cross-entropy training of ``network``: AdamW or SGD (Nesterov), with ReduceLROnPlateau on
     ``val/loss`` or a one-cycle learning rate (Smith & Topin 2019) over the whole fit.
 
-    ``self.net`` is ``Normalized(network)``: it takes images in [0, 1], which is what the data
-    module yields and what attacks and defenses need. Weights and inputs use channels_last, the
+    ``self.net`` is ``Normalized(network, normalization)``: it takes images in [0, 1], which is what
+    the data module yields and what attacks and defenses need. A model file from outside
+    (``loading.py``) is put in as ``self.net.model`` by the CLI. Weights and inputs use channels_last, the
     faster memory format for convolutions on CPU and on GPU tensor cores.
 
     Args:
-        network: the classifier, taking normalised (N, 3, 32, 32) images; ImprovedCNN by default.
+        network: the classifier of (N, 3, 32, 32) images, returning (N, num_classes) logits; ImprovedCNN
+            by default.
+        normalization: what ``network`` takes: ``{mean: [r, g, b], std: [r, g, b]}`` for images
+            standardised per channel, ``(x - mean) / std`` (CIFAR-10's by default, what ImprovedCNN
+            takes), or None for images in [0, 1] as they are.
         num_classes: outputs of ``network`` (used when it is None).
         lr: the learning rate; with ``schedule="onecycle"`` its peak.
         weight_decay: AdamW's decoupled weight decay, or SGD's L2 penalty.
@@ -54,6 +83,7 @@ class ClassifierModule(L.LightningModule):
     def __init__(
         self,
         network: nn.Module | None = None,
+        normalization: dict[str, Sequence[float]] | None = CIFAR10_NORMALIZATION,
         num_classes: int = 10,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
@@ -86,6 +116,7 @@ class ClassifierModule(L.LightningModule):
         ]:
             if not valid:
                 raise ValueError(f"ClassifierModule: {name}={value} must be {rule}")
+        _check_normalization(normalization)
         # Before `network` is filled in: it reads the arguments as given. Not to the logger: a test run
         # shows the dashboard's own choice of them (`dashboard.HPARAMS`), not every argument.
         self.save_hyperparameters(logger=False)
@@ -96,7 +127,9 @@ class ClassifierModule(L.LightningModule):
         if outputs != num_classes:
             raise ValueError(f"ClassifierModule: the network returns {outputs} logits, not num_classes={num_classes}. "
                              f"Fix: give the network {num_classes} outputs (e.g. init_args: {{num_classes: {num_classes}}})")
-        self.net = Normalized(network, CIFAR10_MEAN, CIFAR10_STD).to(memory_format=torch.channels_last)
+        if normalization is None:  # [0, 1] pixels as they are
+            normalization = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
+        self.net = Normalized(network, normalization["mean"], normalization["std"]).to(memory_format=torch.channels_last)
         self.training_attack = TrainingAttack(adversarial, adversarial_eps, adversarial_alpha, adversarial_steps)
         self.metrics = nn.ModuleDict(
             {
@@ -110,6 +143,9 @@ class ClassifierModule(L.LightningModule):
         self.best_pgd_acc = 0.0  # for catastrophic overfitting; kept in checkpoints
         # The recipe behind the weights of the checkpoint last loaded (`dashboard.training_hparams`'s arguments).
         self.trained_with: dict | None = None
+        # The model file from outside that `self.net.model` was loaded from (`loading.py`); None for a
+        # Lightning checkpoint or an untrained network.
+        self.loaded_from: str | None = None
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits for images in [0, 1] of shape (N, 3, H, W)."""
@@ -189,6 +225,12 @@ class ClassifierModule(L.LightningModule):
         flip_average = self.metrics["test_acc_flip_average"]
         flip_average.update(logits.softmax(1) + self(images.flip(-1)).softmax(1), labels)
         self.log("test/acc_flip_average", flip_average, on_step=False, on_epoch=True, logger=False, batch_size=len(labels))
+
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """The class probabilities (N, classes) of a batch of images, and its labels (N,); written by
+        ``callbacks.predictions.PredictionWriter``."""
+        images, labels = batch
+        return {"probabilities": self(images).softmax(1), "labels": labels}
 
     def on_test_epoch_end(self) -> None:
         # By hand: `self.log` would also add a point to the training run's `epoch` chart.

@@ -52,6 +52,31 @@ def _ao_quantization():
     return quantize_dynamic, get_default_qconfig_mapping, prepare_fx, convert_fx
 
 
+class QuantizationError(ValueError):
+    """The quantizer cannot take this model; the message says why."""
+
+
+def int8_copies(model: nn.Module, calibration_images: Tensor | None = None) -> dict[str, nn.Module]:
+    """``int8_dynamic`` (:func:`quantize_dynamic_linear`) and, given calibration images,
+    ``int8_static`` (:func:`quantize_static`) copies of ``model``.
+
+    Raises :class:`QuantizationError` for a model the quantizer cannot take: a TorchScript or
+    ``torch.export`` program (no Python modules to swap), or a network FX cannot trace.
+    """
+    if isinstance(model, torch.jit.ScriptModule) or any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        raise QuantizationError("a TorchScript program cannot be quantized here (torch.ao needs the Python modules)")
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise QuantizationError("the model has no nn.Linear layer for dynamic int8 (a torch.export program keeps none)")
+    copies = {"int8_dynamic": quantize_dynamic_linear(model)}
+    if calibration_images is not None:
+        try:
+            copies["int8_static"] = quantize_static(model, calibration_images)
+        except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError) as err:
+            raise QuantizationError(f"static int8 needs a network torch.fx can trace ({type(err).__name__}: "
+                                    f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    return copies
+
+
 def _cpu_eval_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).cpu().eval()
 

@@ -2,6 +2,7 @@
 
 import io
 import os
+from operator import attrgetter
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +17,7 @@ from torch import Tensor  # noqa: E402
 
 from cifar_lightning.dashboard import HEADLINE, eps_label  # noqa: E402
 from cifar_lightning.data import CLASSES  # noqa: E402
+from cifar_lightning.evaluation import CLEAN, InputKind  # noqa: E402
 
 # What each kind of row means, said only when the run has such rows: threat → sentence.
 THREAT_NOTES = {
@@ -33,6 +35,8 @@ THREAT_NOTES = {
 
 def _cell(value: object) -> str:
     """A table cell as text (tables given as text keep it: ``to_markdown(disable_numparse=True)``)."""
+    if value is None:
+        return ""
     if isinstance(value, float):
         return "" if value != value else f"{value:.4f}"
     return str(value)
@@ -51,6 +55,10 @@ def figure_png(figure: plt.Figure) -> bytes:
     return buffer.getvalue()
 
 
+# The summary's column of a defended row, by its threat: ``<defense>_clean``, ``_recovery``, ``_adaptive``.
+_DEFENSE_COLUMNS = {"none": "clean", "non-adaptive": "recovery", "adaptive": "adaptive"}
+
+
 def _last_lowest(rows: pd.DataFrame) -> pd.Series:
     """The row of the lowest accuracy; of tied rows the last, the longest chain of attacks."""
     return rows[rows.acc == rows.acc.min()].iloc[-1]
@@ -65,29 +73,32 @@ class Report:
         self.per_class: dict[str, dict[str, float]] = {}
         self.stage_seconds: dict[str, float] = {}
         self.robust_masks: pd.DataFrame | None = None  # per image of the strong attacks' subset
+        self.notes: list[str] = []  # what was not run, and why
 
-    def add(self, model: str, results: dict, describe) -> None:
+    def add(self, model: str, results: dict, kinds: list[InputKind]) -> None:
         """``results`` from ``RobustnessMetrics.compute`` (every test image) or
-        ``RobustAccuracy.compute`` (the strong attacks' subset); ``describe(input)`` as
-        ``AttackSuite.describe``."""
+        ``RobustAccuracy.compute`` (the strong attacks' subset), for the input ``kinds``."""
         accuracy, success = results["acc"], results["attack_success"]
-        for name, value in accuracy.items():
-            self.rows.append({"model": model, "input": name, **describe(name), "images": results["images"],
-                              "acc": value, "attack_success": success.get(name, float("nan"))})
+        for kind in kinds:
+            self.rows.append({"model": model, **kind.row(), "images": results["images"], "acc": accuracy[kind.name],
+                              "attack_success": success.get(kind.name, float("nan")),
+                              "worst_of": "+".join(kind.worst_of) or None, "kind": kind})
         for name, per_class in results.get("acc_class", {}).items():
             self.per_class[f"{model} {name}"] = per_class
         row = self.summary.setdefault(model, {})
-        if "clean" in accuracy:
-            row |= {"test_images": results["images"], "clean_acc": accuracy["clean"], "fgsm_acc": accuracy["fgsm"],
-                    "fgsm_success": success["fgsm"]}
+        if CLEAN.name in accuracy:
+            row |= {"test_images": results["images"], "clean_acc": accuracy[CLEAN.name]}
+            if "fgsm" in accuracy:
+                row |= {"fgsm_acc": accuracy["fgsm"], "fgsm_success": success["fgsm"]}
         if results.get("agreement") is not None:
             row["agreement_with_fp32"] = results["agreement"]
-        for name, value in accuracy.items():
-            kind, _, defense = name.partition("/")
-            if defense and kind in ("clean", "fgsm", "adaptive"):
-                row[f"{defense}_{ {'fgsm': 'recovery', 'clean': 'clean', 'adaptive': 'adaptive'}[kind]}"] = value
-            elif not defense and "_eps" not in kind and kind not in ("clean", "fgsm"):
-                row[f"{kind}_acc"] = value  # the strong attacks at the main ε
+        for kind in kinds:
+            if kind.sweep:
+                continue
+            if kind.defense:  # the defense's cost on clean images, its recovery against FGSM, its adaptive attack
+                row[f"{kind.defense}_{_DEFENSE_COLUMNS[kind.threat]}"] = accuracy[kind.name]
+            elif kind.threat not in ("none", "non-adaptive"):
+                row[f"{kind.name}_acc"] = accuracy[kind.name]  # the strong attacks at the main ε
 
     def add_model_info(self, model: str, **info) -> None:
         """Size, latency, device… for the summary row of ``model``."""
@@ -97,10 +108,10 @@ class Report:
         """The run in a few numbers, ``dashboard.HEADLINE`` tag → (accuracy, what it is), from the rows
         at the main ε: FP32 clean and under FGSM; under its strongest attack (the lowest accuracy any attack
         leaves); the best defense against the strongest attacker it met; each int8 model, clean."""
-        rows = self.details()
+        rows = self.rows_with_kinds()
         if rows.empty:
             return {}
-        fp32 = rows[(rows.model == "fp32") & ~rows.input.str.contains("_eps")]
+        fp32 = rows[(rows.model == "fp32") & ~rows.kind.map(attrgetter("sweep"))]
         attacked = fp32[fp32.attack != "none"]
         by_input = fp32.set_index("input")
         clean = by_input.loc["clean"]
@@ -126,8 +137,13 @@ class Report:
                 headline[tag] = (clean.acc.iloc[0], f"{model}, clean, {clean.images.iloc[0]:,} images")
         return headline
 
-    def details(self) -> pd.DataFrame:
+    def rows_with_kinds(self) -> pd.DataFrame:
+        """The rows with their ``InputKind`` in column ``kind``."""
         return pd.DataFrame(self.rows)
+
+    def details(self) -> pd.DataFrame:
+        """``results.csv``: what each row measures, and its numbers."""
+        return self.rows_with_kinds().drop(columns="kind", errors="ignore")
 
     def summary_frame(self) -> pd.DataFrame:
         return pd.DataFrame.from_dict(self.summary, orient="index").rename_axis("model").reset_index()
@@ -146,7 +162,8 @@ class Report:
         # Transposed, each column mixes numbers and text, so the cells are formatted here; blank: not measured.
         summary = self.summary_frame().set_index("model").T.rename_axis("FP32 and int8").map(_cell)
         return {
-            "summary": (headline.to_markdown(index=False, floatfmt=".4f") + "\n\n"
+            "summary": ("".join(f"Note: {note}\n\n" for note in self.notes)
+                        + headline.to_markdown(index=False, floatfmt=".4f") + "\n\n"
                         + summary.to_markdown(disable_numparse=True)),
             "tables/every_input": notes + "\n\n" + details.map(_cell).to_markdown(index=False, disable_numparse=True),
             "tables/per_class": self.per_class_frame().to_markdown(floatfmt=".3f"),
@@ -244,21 +261,22 @@ def eps_curve(eps: list[float], accuracy: dict[str, list[float]], model: str) ->
     return figure
 
 
-def _bar_kind(row: pd.Series) -> str:
-    """The bar chart's row of a results row: the strong attacks (and int8's transfer and white-box)
-    fold into their worst case."""
-    if row.threat in ("white-box", "transfer", "white-box (surrogate)"):
+def _bar_kind(kind: InputKind) -> str:
+    """The bar chart's row of a results row: the strong attacks (and the transfer and white-box attacks
+    on models without gradients) fold into their worst case."""
+    if kind.threat in ("white-box", "transfer", "white-box (surrogate)"):
         return "strongest attack (subset)"
-    kind, _, defense = row.input.partition("/")
-    name = {"clean": "clean", "fgsm": "FGSM", "adaptive": "adaptive PGD"}[kind]
-    return f"{name} → {defense}" if defense else name
+    name = {"none": "clean", "non-adaptive": "FGSM", "adaptive": "adaptive PGD"}[kind.threat]
+    return f"{name} → {kind.defense}" if kind.defense else name
 
 
 def accuracy_bars(rows: pd.DataFrame, eps: float) -> plt.Figure:
     """The headline figure: a bar per model for each input kind at the main ε (the defenses on
-    attacked images; their cost on clean ones and the ε sweep stay in the tables)."""
-    shown = rows[~rows.input.str.contains("_eps") & ~rows.input.str.startswith("clean/")]
-    table = (shown.assign(kind=shown.apply(_bar_kind, axis=1)).groupby(["kind", "model"], sort=False).acc.min()
+    attacked images; their cost on clean ones and the ε sweep stay in the tables).
+
+    ``rows``: ``Report``'s rows with their ``InputKind`` in column ``kind``."""
+    shown = rows[rows.kind.map(lambda kind: not kind.sweep and (kind.attacked or not kind.defense))]
+    table = (shown.assign(bar=shown.kind.map(_bar_kind)).groupby(["bar", "model"], sort=False).acc.min()
              .unstack("model"))
     models = list(dict.fromkeys(shown.model))
     figure, axis = plt.subplots(figsize=(5.5, 0.17 * len(table) * len(models) + 1.2), layout="constrained")

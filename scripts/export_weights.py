@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from cifar_lightning.checkpoints import load_checkpoint, weights_only
+from cifar_lightning.checkpoints import weights_only
+from cifar_lightning.loading import load_checkpoint
 
 
 def main() -> None:

@@ -1,0 +1,347 @@
+"""The test-time study: every model under test scored on the same attacked and defended images.
+
+A :class:`Study` owns what a test run makes: the input kinds of each batch (made once, on the
+first model under test), the strong attacks' subset and its per-image robust masks, the figures'
+samples, the stage times and the report. What it studies is added through its interface:
+``set_attacks`` (the attacks and defenses) and ``add_model`` (the int8 copies, any model a user
+brings). The callbacks (``callbacks/``) drive it from ``trainer.test``; ``api.evaluate`` drives it
+from a plain loop. Neither knows where a model came from.
+
+Per batch: ``update``. At the end: ``finish`` (metrics synced over ranks, strong attacks per
+model), then ``figures``, ``robust_masks``, ``write`` (rank 0) and :func:`publish` (TensorBoard).
+"""
+
+import copy
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+from tqdm.auto import tqdm
+
+from cifar_lightning.attacks import attack_chain
+from cifar_lightning.dashboard import log_hparams
+from cifar_lightning.data import CLASSES
+from cifar_lightning.errors import ConfigError
+from cifar_lightning.evaluation import (
+    CLEAN,
+    AttackSuite,
+    InputKind,
+    ModelUnderTest,
+    RobustAccuracy,
+    RobustnessMetrics,
+    StageTimer,
+    StrongAttacks,
+    fgsm_kind,
+    pgd_with_restarts,
+    predict,
+    predicted_labels,
+    stratified_subset,
+)
+from cifar_lightning.quantization import cpu_latency, state_dict_megabytes
+from cifar_lightning.report import Report, accuracy_bars, eps_curve, prediction_figure, sample_grid
+
+Gather = Callable[[object], list]
+"""An object from this process → the list of every process's (under DDP: ``all_gather_object``)."""
+
+
+def _local(value: object) -> list:
+    return [value]
+
+
+class Study:
+    """The robustness study of ``primary`` and the models added to it.
+
+    Args:
+        primary: the model the attacks are crafted on (``fp32``: the trained network).
+        latency_batch_size: batch of each model's CPU latency measurement.
+    """
+
+    def __init__(self, primary: ModelUnderTest, latency_batch_size: int = 128) -> None:
+        self.models = {primary.name: primary}
+        self.attacks: AttackSuite | None = None
+        self.strong: StrongAttacks | None = None
+        self.subset_size: int | None = None
+        self.seed = 0
+        self.sample: str | int | None = None
+        self.latency_batch_size = latency_batch_size
+        self.timer = StageTimer()
+        self.report = Report()
+        self.masks: dict[str, Tensor] = {}  # "<model>/<input>" → (subset images,) bool
+        self.begun = False
+
+    @property
+    def primary(self) -> ModelUnderTest:
+        return next(iter(self.models.values()))
+
+    @property
+    def eps(self) -> float | None:
+        return None if self.attacks is None else self.attacks.eps
+
+    def set_attacks(self, attacks: AttackSuite, strong: StrongAttacks | None, subset: int | None = 1000,
+                    seed: int = 0, sample: str | int | None = "ship") -> None:
+        """The per-batch attacks and defenses, the strong attacks on a seeded stratified ``subset`` of
+        that many test images (None: all), and the figure's image (a test index or a class name)."""
+        self.attacks, self.strong, self.subset_size, self.seed, self.sample = attacks, strong, subset, seed, sample
+
+    def add_model(self, model: ModelUnderTest) -> None:
+        if model.name in self.models:
+            raise ValueError(f"Study: a model named {model.name!r} is already under test")
+        self.models[model.name] = model
+
+    def note(self, message: str) -> None:
+        """A line for the reader of the results (something not run, and why); printed now too."""
+        print(f"cifar-lightning: {message}")
+        self.report.notes.append(message)
+
+    def kinds(self, model: ModelUnderTest) -> list[InputKind]:
+        """The per-batch input kinds ``model`` is scored on."""
+        if self.attacks is None:
+            return [CLEAN]
+        return [kind for kind in self.attacks.kinds if model.sweep or not kind.sweep]
+
+    # Per batch.
+
+    def begin(self, labels: Tensor, batch_size: int, device: torch.device) -> None:
+        """Before the first batch: ``labels`` of the whole test set (N,); the strong attacks run on the
+        subset in batches of ``batch_size``; metrics live on ``device`` (synced from there)."""
+        if isinstance(self.sample, int) and not 0 <= self.sample < len(labels):
+            raise ConfigError(f"invalid configuration: RobustnessEvaluation: sample={self.sample} is not an index of "
+                              f"the test set (0 to {len(labels) - 1}). Fix: pass an index in that range or a class "
+                              f"name such as ship.")
+        if self.strong is not None and self.subset_size is not None and self.subset_size > len(labels):
+            raise ConfigError(f"invalid configuration: RobustnessEvaluation: subset={self.subset_size} is larger than "
+                              f"the test set ({len(labels)} images). Fix: pass at most {len(labels)}, or null for all.")
+        self.batch_size, self.device = batch_size, device
+        self.metrics = {name: RobustnessMetrics(self.kinds(model), device) for name, model in self.models.items()}
+        self.subset_indices = set(stratified_subset(labels, self.subset_size, self.seed).tolist())
+        self.subset: dict = {"index": [], "images": [], "labels": [], "standing": {name: [] for name in self.models}}
+        self.samples: dict[int, dict] = {}  # test index → images and each model's predictions
+        for model in self.models.values():
+            self._measure(model)
+        self.begun = True
+
+    def _measure(self, model: ModelUnderTest) -> None:
+        """Size and CPU latency of ``model`` for the summary."""
+        with self.timer("cpu latency runs"):
+            on_cpu = model.model if model.device.type == "cpu" else copy.deepcopy(model.model).cpu()
+            latency = cpu_latency(on_cpu, batch_size=self.latency_batch_size)
+        self.report.add_model_info(
+            model.name, size_mb=state_dict_megabytes(model.model), cpu_ms_per_batch=latency["ms_per_batch"],
+            cpu_images_per_s=latency["images_per_s"], cpu_threads=latency["threads"], eval_device=str(model.device))
+
+    def update(self, images: Tensor, labels: Tensor, indices: list[int]) -> None:
+        """One test batch: [0, 1] ``images`` (N, 3, H, W), ``labels`` (N,) and their test-set ``indices``."""
+        primary = self.primary
+        inputs = self.attacks(primary.model, images, labels, self.timer) if self.attacks else {CLEAN.name: images}
+        probabilities = {}
+        for name, model in self.models.items():
+            with self.timer(f"{name} model passes"):
+                found = predict(model.model, {k.name: inputs[k.name].to(model.device) for k in self.kinds(model)})
+            probabilities[name] = {kind: p.to(labels.device) for kind, p in found.items()}
+            reference = None if model is primary else probabilities[primary.name][CLEAN.name].argmax(1)
+            self.metrics[name].update(probabilities[name], labels, reference)
+        if self.attacks is not None:
+            self._keep_samples(indices, labels, inputs, probabilities)
+        if self.strong is not None:
+            self._keep_subset(indices, images, labels, probabilities)
+
+    def _keep_subset(self, indices: list[int], images: Tensor, labels: Tensor,
+                     probabilities: dict[str, dict[str, Tensor]]) -> None:
+        """The batch's images of the strong attacks' subset, with where each model's chains start."""
+        positions = torch.tensor([p for p, index in enumerate(indices) if index in self.subset_indices],
+                                 dtype=torch.long, device=labels.device)
+        self.subset["index"].append(torch.tensor(indices)[positions.cpu()])
+        self.subset["images"].append(images[positions])
+        self.subset["labels"].append(labels[positions])
+        for name, found in probabilities.items():
+            standing = self.attacks.standing(found, labels)
+            self.subset["standing"][name].append({kind: right[positions] for kind, right in standing.items()})
+
+    @property
+    def figure_kinds(self) -> list[InputKind]:
+        main = fgsm_kind(self.attacks.eps)
+        return [CLEAN, main] + [main.defended(d) for d in self.attacks.defenses]
+
+    def _keep_samples(self, indices: list[int], labels: Tensor, inputs: dict[str, Tensor],
+                      probabilities: dict[str, dict[str, Tensor]]) -> None:
+        """Keep the figure candidates: per class the first image the first model gets right and FGSM
+        flips, the requested index, and the first image of the requested class (the figure's fallback
+        when none of that class is flipped). Shards are in index order, so the first seen is the first."""
+        primary = probabilities[self.primary.name]
+        preds = {kind: primary[kind].argmax(1) for kind in (CLEAN.name, "fgsm")}
+        flipped = (preds[CLEAN.name] == labels) & (preds["fgsm"] != labels)
+        shown = [kind.name for kind in self.figure_kinds]
+        for position, index in enumerate(indices):
+            label = int(labels[position])
+            kept = [s for s in self.samples.values() if s["label"] == label]
+            first_flipped = bool(flipped[position]) and not any(s["flipped"] for s in kept)
+            first_of_class = CLASSES[label] == self.sample and not kept
+            if first_flipped or first_of_class or index == self.sample:
+                self.samples[index] = {
+                    "label": label,
+                    "flipped": bool(flipped[position]),
+                    "images": {kind: inputs[kind][position].cpu() for kind in shown},
+                    "probabilities": {model: {kind: found[kind][position].cpu() for kind in shown}
+                                      for model, found in probabilities.items()},
+                }
+
+    # At the end.
+
+    def finish(self, gather: Gather = _local, progress: bool = False) -> None:
+        """Compute every model's numbers (synced over ranks), run the strong attacks on this process's
+        share of the subset, and gather the figures' samples from every process (``gather``)."""
+        if not self.begun:
+            raise RuntimeError("Study.finish: no batch was evaluated")
+        self.subset = {key: torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+                       for key, parts in self.subset.items() if key != "standing"} | {"standing": {
+                           name: {kind: torch.cat([part[kind] for part in parts]) for kind in parts[0]} if parts else {}
+                           for name, parts in self.subset["standing"].items()}}
+        for name, model in self.models.items():
+            results = self.metrics[name].compute()
+            self.report.add(name, results, self.kinds(model))
+            if model is self.primary:
+                self.accuracy = dict(results["acc"])
+            if self.strong is not None:
+                self._strong_attacks(model, progress)
+        self.samples = dict(sorted({index: sample for part in gather(self.samples)
+                                    for index, sample in part.items()}.items()))
+
+    def _subset_batches(self, description: str, progress: bool) -> Iterable[slice]:
+        """Slices of the subset, one test batch each (random starts are drawn per batch)."""
+        starts = range(0, len(self.subset["labels"]), self.batch_size)
+        for start in tqdm(starts, desc=description, disable=not progress, leave=False):
+            yield slice(start, start + self.batch_size)
+
+    def _strong_attacks(self, model: ModelUnderTest, progress: bool) -> None:
+        """The strong attacks on ``model``: its own white-box chains and adaptive attacks when it has
+        gradients, else the first model's worst case (transfer) and PGD on its surrogate."""
+        if model.gradients:
+            kinds, attack = self.strong.kinds, self._white_box
+        else:
+            kinds, attack = self.strong.without_gradients_kinds(model.surrogate is not None), self._without_gradients
+        metrics = RobustAccuracy(kinds, self.device)
+        masks, adversarial = [], []
+        agreement = MulticlassAccuracy(len(CLASSES), average="micro").to(self.device)
+        for part in self._subset_batches(f"{model.name}: strong attacks", progress):
+            images = self.subset["images"][part].to(model.device)
+            labels = self.subset["labels"][part].to(model.device)
+            standing = {kind: right[part].to(model.device) for kind, right in self.subset["standing"][model.name].items()}
+            robust, worst = attack(model, images, labels, standing, part, agreement)
+            metrics.update({kind: mask.to(self.device) for kind, mask in robust.items()})
+            masks.append(robust)
+            adversarial.append(worst)
+        if model is self.primary:
+            self.subset["adversarial"] = torch.cat(adversarial) if adversarial else self.subset["images"]
+        self.masks |= {f"{model.name}/{kind.name}": torch.cat([m[kind.name] for m in masks]).cpu() if masks
+                       else torch.empty(0, dtype=torch.bool) for kind in kinds}
+        results = metrics.compute()
+        self.report.add(model.name, results, kinds)
+        if model.surrogate is not None:
+            self.report.add_model_info(model.name, surrogate_agreement=agreement.compute().item())
+        if model is self.primary:
+            self.accuracy |= results["acc"] | {"clean (subset)": results["clean_acc"]}
+
+    def _white_box(self, model: ModelUnderTest, images: Tensor, labels: Tensor, standing: dict[str, Tensor],
+                   part: slice, agreement: MulticlassAccuracy) -> tuple[dict[str, Tensor], Tensor]:
+        robust, worst = self.strong(model.model, images, labels, standing, self.timer)
+        return robust | {CLEAN.name: standing[CLEAN.name]}, worst
+
+    def _without_gradients(self, model: ModelUnderTest, images: Tensor, labels: Tensor,
+                           standing: dict[str, Tensor], part: slice,
+                           agreement: MulticlassAccuracy) -> tuple[dict[str, Tensor], Tensor]:
+        judge, strong = partial(predicted_labels, model.model), self.strong
+        transfer, *whitebox = strong.without_gradients_kinds(model.surrogate is not None)
+        standing = standing["fgsm"]  # right on the clean image and after FGSM
+        robust = {CLEAN.name: judge(images) == labels}
+        with self.timer(f"{model.name} transfer"):
+            worst = self.subset["adversarial"][part].to(model.device)
+            robust[transfer.name] = standing & (judge(worst) == labels)
+        if whitebox:
+            with self.timer(f"{model.name} white-box"):
+                attack = pgd_with_restarts(model.surrogate, strong.eps, strong.pgd_steps, strong.pgd_restarts,
+                                           strong.seed, judge=judge)
+                robust[whitebox[0].name] = attack_chain({whitebox[0].name: attack}, judge, images, labels,
+                                                        standing)[1][whitebox[0].name]
+            agreement.update(predicted_labels(model.surrogate, images).to(self.device), judge(images).to(self.device))
+        return robust, worst
+
+    def robust_masks(self, gather: Gather = _local) -> pd.DataFrame | None:
+        """Per subset image (test index, label): 1 if robust under each ``<model>/<input>``, from every
+        process; with it anyone can recompute (or combine) the strong attacks' numbers."""
+        if self.strong is None:
+            return None
+        table = {"index": self.subset["index"].tolist(), "label": self.subset["labels"].tolist()}
+        table |= {name: mask.int().tolist() for name, mask in self.masks.items()}
+        parts = gather(table)
+        return pd.DataFrame({key: [value for part in parts for value in part[key]] for key in table}).sort_values("index")
+
+    def eps_curves(self) -> tuple[list[float], dict[str, list[float]]]:
+        """The first model's accuracy against ε: FGSM with and without each defense on every image;
+        PGD and the chain's last member on the subset."""
+        eps = sorted({0.0, self.attacks.eps, *self.attacks.eps_sweep})
+        at = {0.0: CLEAN} | {kind.eps: kind for kind in self.attacks.attacked_kinds}
+        curves = {"FGSM": [self.accuracy[at[e].name] for e in eps]}
+        for defense in self.attacks.defenses:
+            curves[f"FGSM, {defense.name}"] = [self.accuracy[at[e].defended(defense).name] for e in eps]
+        if self.strong is not None:
+            for member, label in [("pgd", "PGD"), *[(m, f"worst case to {m.upper()}") for m in self.strong.ensemble[-1:]]]:
+                chains = [{kind.attack: kind.name for kind in self.strong.chain(e)} for e in eps[1:]]
+                curves[f"{label} (subset)"] = [self.accuracy["clean (subset)"]] + [
+                    self.accuracy[chain[member]] if member in chain else float("nan") for chain in chains]  # nan: not run
+        return eps, curves
+
+    def main_sample(self) -> dict | None:
+        """The image of the seed's figure: the requested index, or the first image of the requested
+        class that the model gets right and FGSM flips, else the first image of that class."""
+        candidates = [(not s["flipped"], index, s) for index, s in self.samples.items()
+                      if index == self.sample or CLASSES[s["label"]] == self.sample]
+        if not candidates:
+            return None
+        _, index, sample = min(candidates, key=lambda candidate: candidate[:2])
+        return sample | {"index": index}
+
+    def figures(self) -> dict[str, Figure]:
+        if self.attacks is None:
+            return {}
+        figures = {"accuracy_bars": accuracy_bars(self.report.rows_with_kinds(), self.attacks.eps),
+                   "eps_curve": eps_curve(*self.eps_curves(), self.primary.name)}
+        sample = self.main_sample()
+        if sample is not None:
+            note = "" if sample["flipped"] or isinstance(self.sample, int) else ", none of its class flipped by FGSM"
+            figures["sample"] = prediction_figure(sample["images"], sample["probabilities"], sample["label"],
+                                                  f"test image {sample['index']}{note}")
+        by_class = {}
+        for sample in self.samples.values():
+            if sample["flipped"]:
+                by_class.setdefault(sample["label"], sample)
+        if by_class:
+            primary = self.primary.name
+            rows = [(s["images"], s["probabilities"][primary], s["label"]) for _, s in sorted(by_class.items())]
+            figures["samples_grid"] = sample_grid(rows, primary)
+        return figures
+
+    def write(self, folder: Path, figures: dict[str, Figure], robust_masks: pd.DataFrame | None) -> None:
+        """The run's files (``results.csv``, ``summary.csv``, …, figures as PNG) into ``folder``."""
+        self.report.robust_masks = robust_masks
+        self.report.stage_seconds = dict(self.timer.seconds)
+        self.report.write(folder, figures)
+
+
+def publish(study: Study, logger, step: int, figures: dict[str, Figure], hparams: dict[str, object], trial: str,
+            logged_elsewhere: tuple[str, ...] = ()) -> None:
+    """The study in TensorBoard (a Lightning logger): figures, one text entry per table, the headline
+    scalars (but for ``logged_elsewhere``) and the run's HPARAMS row named ``trial``."""
+    experiment = logger.experiment
+    for name, figure in figures.items():
+        experiment.add_figure(f"test/{name}", figure, global_step=step, close=False)
+    study.report.stage_seconds = dict(study.timer.seconds)
+    for name, table in study.report.tables().items():
+        experiment.add_text(f"test/{name}", table, global_step=step)
+    headline = {tag: value for tag, (value, _) in study.report.headline().items() if tag not in logged_elsewhere}
+    logger.log_metrics(headline, step=step)
+    log_hparams(logger, hparams, trial)
