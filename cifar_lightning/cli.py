@@ -1,4 +1,10 @@
-"""The ``cifar-lightning`` command: LightningCLI with fit / validate / test / predict."""
+"""The ``cifar-lightning`` command: LightningCLI with fit / validate / test / predict.
+
+``--ckpt_path`` takes a Lightning checkpoint, which Lightning restores, or a model file from outside
+(``loading.py``: a state_dict or safetensors file of ``--model.network``, a torch.export program or a
+TorchScript file), which the command puts into the module before the run; a fit from a state_dict
+starts a new run from its weights.
+"""
 
 import logging
 import re
@@ -97,9 +103,9 @@ class CifarLightningCLI(LightningCLI):
                 self._resume_in_place(config.trainer, runs_dir, Path(config.ckpt_path))
             elif subcommand == "fit" and self._model_file.is_program:
                 raise CheckpointError(f"fit trains --model.network, and {config.ckpt_path} is a "
-                                      f"{self._model_file.format}, a fixed program. Fix: evaluate it with "
-                                      f"cifar-lightning test, or fit from a state_dict of its network (with "
-                                      f"--model.network.class_path set to that network).")
+                                      f"{self._model_file.format} file: a fixed program, no network to train. Fix: "
+                                      f"evaluate it with cifar-lightning test, or fit from a state_dict of its "
+                                      f"network (with --model.network.class_path set to that network).")
         elif subcommand != "fit":
             raise CheckpointError(f"{subcommand} needs --ckpt_path: without it, it would evaluate an untrained "
                                   f"network. Fix: pass a checkpoint, e.g. weights/improvedcnn_cifar10.ckpt or a run's "

@@ -70,10 +70,12 @@ class ModelFile:
 class ExportedModule(nn.Module):
     """A ``torch.export`` program as a module: images (N, 3, H, W) → logits (N, classes).
 
-    A program's graph keeps the mode it was exported in, and ``ExportedProgram.module()`` raises
-    NotImplementedError on ``.train()`` and ``.eval()``, which Lightning and the study call on every
-    module. So this keeps a flag of its own; :func:`read_model_file` refuses a program exported in
-    training mode, whose batch norm would use each batch's statistics.
+    A program's graph keeps the mode it was exported in (after ``model.eval()``: batch norm on its
+    running statistics, no dropout), and ``ExportedProgram.module()`` raises NotImplementedError on
+    ``.train()`` and ``.eval()``, which Lightning and the study call on every module. So this keeps a
+    flag of its own that changes nothing in the graph; :func:`read_model_file` refuses a program
+    exported in training mode, and ``fit`` refuses to train a program. Gradients w.r.t. the input
+    flow through the graph as through the network it was exported from.
     """
 
     def __init__(self, program: nn.Module) -> None:
@@ -108,12 +110,10 @@ def read_model_file(path: str | Path) -> ModelFile:
         program = _load_torchscript(path) if program_format == TORCHSCRIPT else _load_exported(path)
         _check_program(program, path)
         model_file = ModelFile(path, program_format, program)
+    elif _is_lightning(content := _torch_load(path)):
+        model_file = ModelFile(path, LIGHTNING, content)
     else:
-        content = _torch_load(path)
-        lightning = isinstance(content, dict) and "pytorch-lightning_version" in content \
-            and isinstance(content.get("state_dict"), dict)
-        model_file = ModelFile(path, LIGHTNING, content) if lightning else ModelFile(path, STATE_DICT,
-                                                                                      _weights_of(content, path))
+        model_file = ModelFile(path, STATE_DICT, _weights_of(content, path))
     _check_finite(model_file.weights, path)
     return model_file
 
@@ -129,7 +129,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def load_network(model_file: ModelFile, network: nn.Module) -> nn.Module:
     """The classifier of ``model_file`` (not a Lightning checkpoint: Lightning restores those):
-    ``network`` with the file's weights, or the file's program."""
+    ``network`` with the file's weights loaded into it, or the file's program (``network`` unused)."""
     if model_file.is_program:
         return model_file.content
     weights = _without_prefix(model_file.content, network.state_dict().keys())
@@ -153,6 +153,11 @@ def _refused(path: Path, found: str) -> CheckpointError:
         f"({found}). Fix: use a checkpoint saved by this project (cifar-lightning fit), or, if you trust its "
         f"source, re-save its state_dict with torch.save."
     )
+
+
+def _unsupported_global(err: pickle.UnpicklingError) -> str:
+    """The line of ``torch.load``'s refusal that names the Python object it would have built."""
+    return next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), "weights_only=True")
 
 
 def _is_safetensors(head: bytes, size: int) -> bool:
@@ -183,9 +188,13 @@ def _torch_load(path: Path) -> object:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         # torch.save writes a zip archive; an intact one whose pickle is refused holds code.
         if isinstance(err, pickle.UnpicklingError) and zipfile.is_zipfile(path):
-            refused = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
-            raise _refused(path, (refused or ["weights_only=True"])[0]) from None
+            raise _refused(path, _unsupported_global(err)) from None
         raise _unreadable(path, err) from None
+
+
+def _is_lightning(content: object) -> bool:
+    return isinstance(content, dict) and "pytorch-lightning_version" in content \
+        and isinstance(content.get("state_dict"), dict)
 
 
 def _weights_of(content: object, path: Path) -> dict[str, Tensor]:
@@ -212,7 +221,8 @@ def _without_prefix(weights: dict[str, Tensor], expected: Iterable[str]) -> dict
 
 
 def _check_finite(weights: Mapping[str, Tensor], path: Path) -> None:
-    broken = [name for name, tensor in weights.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    broken = [name for name, tensor in weights.items()
+              if isinstance(tensor, Tensor) and tensor.is_floating_point() and not tensor.isfinite().all()]
     if broken:
         shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
         raise CheckpointError(f"{path} holds NaN or infinite weights ({shown}): the run that saved them diverged. "
@@ -261,7 +271,7 @@ def _load_exported(path: Path) -> ExportedModule:
         with _weights_only_loads():
             program = torch.export.load(path)
     except pickle.UnpicklingError as err:
-        raise _refused(path, _first_line(err)) from None
+        raise _refused(path, _unsupported_global(err)) from None
     except Exception as err:  # noqa: BLE001 -- torch.export.load fails on a damaged archive with errors of many types
         raise _unreadable(path, err) from None
     return ExportedModule(program.module())

@@ -37,8 +37,8 @@ def _check_normalization(normalization: dict[str, Sequence[float]] | None) -> No
                          f"{fix}")
     for key, values in normalization.items():
         if len(values) != 3:
-            raise ValueError(f"ClassifierModule: normalization.{key} has {len(values)} values, not 3 (one per RGB "
-                             f"channel). {fix}")
+            raise ValueError(f"ClassifierModule: normalization.{key}={list(values)} must hold 3 numbers, one per RGB "
+                             f"channel. {fix}")
         if not all(math.isfinite(value) and (key == "mean" or value > 0) for value in values):
             rule = "finite" if key == "mean" else "finite and > 0"
             raise ValueError(f"ClassifierModule: normalization.{key}={list(values)} must be {rule}. {fix}")
@@ -127,9 +127,8 @@ class ClassifierModule(L.LightningModule):
         if outputs != num_classes:
             raise ValueError(f"ClassifierModule: the network returns {outputs} logits, not num_classes={num_classes}. "
                              f"Fix: give the network {num_classes} outputs (e.g. init_args: {{num_classes: {num_classes}}})")
-        if normalization is None:  # [0, 1] pixels as they are
-            normalization = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
-        self.net = Normalized(network, normalization["mean"], normalization["std"]).to(memory_format=torch.channels_last)
+        mean, std = ((0.0,) * 3, (1.0,) * 3) if normalization is None else (normalization["mean"], normalization["std"])
+        self.net = Normalized(network, mean, std).to(memory_format=torch.channels_last)
         self.training_attack = TrainingAttack(adversarial, adversarial_eps, adversarial_alpha, adversarial_steps)
         self.metrics = nn.ModuleDict(
             {

@@ -34,11 +34,24 @@ def row_name(row: pd.Series) -> str:
     return f"{row.model} {row.input}{threat}, {row.images:,} images"
 
 
+def at_main_eps(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a results.csv at the study's main ε (and the clean ones), without the ε sweep's:
+    results.csv lists the main ε's FGSM row first of the attacked rows."""
+    main_eps = rows.eps[rows.attack != "none"].iloc[0]
+    return rows[rows.eps.isin([0.0, main_eps])]
+
+
+def strongest_chain(rows: pd.DataFrame) -> str:
+    """The input kind of the FP32 model's longest white-box chain at the main ε (its last member)."""
+    rows = at_main_eps(rows)
+    white_box = rows[(rows.model == "fp32") & (rows.threat == "white-box")]
+    return white_box.loc[white_box.worst_of.str.count(r"\+").idxmax(), "input"]
+
+
 def every_input(studies: dict[str, Path]) -> pd.DataFrame:
     columns = {}
     for label, folder in studies.items():
-        rows = pd.read_csv(folder / "results.csv")
-        rows = rows[~rows.input.str.contains("_eps")]
+        rows = at_main_eps(pd.read_csv(folder / "results.csv"))
         columns[label] = pd.Series(rows.acc.to_numpy(), index=rows.apply(row_name, axis=1))
     return pd.DataFrame(columns).map(lambda acc: "" if acc != acc else f"{acc:.2%}")
 
@@ -50,10 +63,9 @@ def per_class(studies: dict[str, Path]) -> pd.DataFrame:
         masks_file = folder / "robust_masks.csv"
         if masks_file.is_file():
             masks = pd.read_csv(masks_file)
-            strongest = [c for c in masks.columns if c.startswith("fp32/") and "/adaptive/" not in c
-                         and "_eps" not in c][-1]
-            robust = masks.groupby("label")[strongest].mean()
-            columns[f"{label}: {strongest.removeprefix('fp32/')} chain ({len(masks):,})"] = \
+            strongest = strongest_chain(pd.read_csv(folder / "results.csv"))
+            robust = masks.groupby("label")[f"fp32/{strongest}"].mean()
+            columns[f"{label}: {strongest} chain ({len(masks):,})"] = \
                 pd.Series(robust.to_numpy(), index=[CLASSES[i] for i in robust.index])
     return pd.DataFrame(columns).map(lambda acc: f"{acc:.1%}")
 

@@ -27,11 +27,37 @@ def write_slice(folder: Path, n_train: int, n_test: int) -> Path:
     return folder
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the installed ``cifar-lightning`` entry point; fail with its output if it fails."""
-    result = subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run_cli(*args: str, cwd: Path, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the installed ``cifar-lightning`` entry point (with ``env`` added to the environment); fail with
+    its output if it fails."""
+    result = subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                            env=None if env is None else os.environ | env)
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
+
+
+def cli_error(capsys, *args: str) -> str:
+    """Run the entry point in this process; it must exit 2 with one error line and no traceback."""
+    import pytest
+
+    from cifar_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    assert exit_.value.code == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cifar-lightning: error:")]
+    return line
+
+
+class Payload:
+    """Unpickling this calls ``Path.touch(marker)``: the kind of code a crafted checkpoint hides."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
 
 
 def write_config(folder: Path, edit) -> Path:

@@ -11,8 +11,11 @@ from cifar_lightning.evaluation import (
     AttackSuccessRate,
     AttackSuite,
     RobustAccuracy,
+    InputKind,
     RobustnessMetrics,
+    StageTimer,
     StrongAttacks,
+    fgsm_kind,
     predict,
     stratified_subset,
 )
@@ -40,7 +43,9 @@ def _one_hot(preds, classes=10):
 
 
 def test_metrics_on_known_predictions():
-    metrics = RobustnessMetrics(["clean", "fgsm", "fgsm/jpeg_q30", "clean/jpeg_q30"], torch.device("cpu"))
+    jpeg = JpegCompression(30)
+    kinds = [InputKind(), fgsm_kind(0.03), fgsm_kind(0.03).defended(jpeg), InputKind().defended(jpeg)]
+    metrics = RobustnessMetrics(kinds, torch.device("cpu"))
     target = torch.tensor([0, 1, 2, 3])
     metrics.update(
         {"clean": _one_hot([0, 1, 2, 0]), "fgsm": _one_hot([5, 5, 2, 0]),
@@ -59,15 +64,18 @@ def test_suite_makes_each_input_kind_once_and_describes_it():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()
     suite = AttackSuite(0.03, [JpegCompression(30), MedianFilter(3)], eps_sweep=[2 / 255])
     images, labels = torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,))
-    inputs = suite(model, images, labels)
-    assert set(inputs) == set(suite.input_names)
+    timer = StageTimer()
+    inputs = suite(model, images, labels, timer)
+    kinds = {kind.name: kind for kind in suite.kinds}
+    assert set(inputs) == set(kinds)
     assert {"fgsm_eps0.0078/median_k3", "clean/jpeg_q30"} <= set(inputs)
     assert (inputs["fgsm"] - images).abs().max() <= 0.03 + 1e-6
     torch.testing.assert_close(inputs["fgsm/jpeg_q30"], JpegCompression(30)(inputs["fgsm"]))
-    assert suite.describe("fgsm/jpeg_q30") == {"attack": "FGSM", "eps": 0.03, "steps": 1, "restarts": 1,
-                                               "defense": "jpeg_q30", "threat": "non-adaptive"}
-    assert suite.describe("fgsm_eps0.0078")["eps"] == 0.0078 and suite.describe("clean")["threat"] == "none"
-    assert set(suite.timer.seconds) >= {"fgsm", "defense jpeg_q30", "fgsm (ε sweep)"}
+    assert kinds["fgsm/jpeg_q30"].row() == {"input": "fgsm/jpeg_q30", "attack": "FGSM", "eps": 0.03, "steps": 1,
+                                            "restarts": 1, "defense": "jpeg_q30", "threat": "non-adaptive"}
+    assert kinds["fgsm_eps0.0078"].eps == 2 / 255  # exact: the name rounds, the value does not
+    assert kinds["clean"].threat == "none" and not kinds["clean/jpeg_q30"].attacked
+    assert set(timer.seconds) >= {"fgsm", "defense jpeg_q30", "fgsm (ε sweep)"}
     probabilities = predict(model, inputs)
     assert probabilities["clean"].shape == (6, 10)
     torch.testing.assert_close(probabilities["clean"].sum(1), torch.ones(6))
@@ -85,21 +93,27 @@ def test_the_subset_is_stratified_seeded_and_sorted():
 
 
 def test_strong_attacks_describe_their_rows_and_start_where_fgsm_left_off():
-    strong = StrongAttacks(0.03, [MedianFilter(3)], eps_sweep=[2 / 255], pgd_steps=5, ensemble=["apgd-ce"])
-    assert strong.input_names == ["pgd", "apgd-ce", "pgd_eps0.0078", "adaptive/median_k3"]
-    assert strong.describe("apgd-ce")["worst_of"] == "fgsm+pgd+apgd-ce"
-    assert strong.describe("adaptive/median_k3")["threat"] == "adaptive"
-    assert (strong.describe("pgd_eps0.0078")["steps"], strong.describe("pgd_eps0.0078")["eps"]) == (5, 0.0078)
+    median = MedianFilter(3)
+    strong = StrongAttacks(0.03, [median], eps_sweep=[2 / 255], pgd_steps=5, ensemble=["apgd-ce"])
+    kinds = {kind.name: kind for kind in strong.kinds}
+    assert list(kinds) == ["pgd", "apgd-ce", "pgd_eps0.0078", "adaptive/median_k3"]
+    assert kinds["apgd-ce"].worst_of == ("fgsm", "pgd", "apgd-ce") and kinds["apgd-ce"].steps == 100
+    assert kinds["adaptive/median_k3"].threat == "adaptive" and kinds["adaptive/median_k3"].defense == "median_k3"
+    assert (kinds["pgd_eps0.0078"].steps, kinds["pgd_eps0.0078"].eps) == (5, 2 / 255)
+    transfer, whitebox = strong.without_gradients_kinds(surrogate=True)
+    assert (transfer.name, transfer.worst_of, whitebox.name) == ("transfer", ("fgsm", "pgd", "apgd-ce"), "whitebox")
+    suite = AttackSuite(0.03, [median], eps_sweep=[2 / 255])
     target = torch.tensor([0, 1, 2, 3])
-    standing = strong.standing({"clean": _one_hot([0, 1, 2, 9]), "fgsm": _one_hot([0, 5, 2, 3]),
-                                "fgsm_eps0.0078": _one_hot([0, 1, 2, 3]), "clean/median_k3": _one_hot([0, 1, 9, 3]),
-                                "fgsm/median_k3": _one_hot([0, 1, 2, 3])}, target)
+    standing = suite.standing({"clean": _one_hot([0, 1, 2, 9]), "fgsm": _one_hot([0, 5, 2, 3]),
+                               "fgsm_eps0.0078": _one_hot([0, 1, 2, 3]), "clean/median_k3": _one_hot([0, 1, 9, 3]),
+                               "fgsm/median_k3": _one_hot([0, 1, 2, 3])}, target)
     assert standing["fgsm"].tolist() == [True, False, True, False]  # right when clean and after FGSM
+    assert standing["fgsm_eps0.0078"].tolist() == [True, True, True, False]
     assert standing["fgsm/median_k3"].tolist() == [True, True, False, True]
 
 
 def test_robust_accuracy_from_masks():
-    metric = RobustAccuracy(["pgd"], torch.device("cpu"))
+    metric = RobustAccuracy([InputKind("pgd", 0.03, threat="white-box")], torch.device("cpu"))
     metric.update({"clean": torch.tensor([True, True, False, True]), "pgd": torch.tensor([True, False, False, False])})
     results = metric.compute()
     assert results["acc"] == {"pgd": 0.25} and results["images"] == 4 and results["clean_acc"] == 0.75

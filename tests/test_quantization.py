@@ -197,27 +197,66 @@ class _Recording(nn.Module):
 
 @pytest.mark.parametrize("accelerator", [
     "cpu", pytest.param("gpu", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))])
-def test_the_callback_gives_its_cpu_int8_copy_the_very_images_of_the_fp32_evaluation(cifar_slice, tmp_path,
-                                                                                     accelerator):
-    robustness, quantization = RobustnessEvaluation(eps_sweep=[], strong_attacks=False), QuantizationEvaluation(static=False)
+def test_the_int8_copies_are_scored_on_the_very_images_of_the_fp32_model(cifar_slice, tmp_path, accelerator):
+    from callbacks.study import _RUNS
+
     checked = []
 
-    class CompareWithFP32Inputs(L.Callback):  # runs after QuantizationEvaluation's hooks
+    class CompareWithFP32Inputs(L.Callback):  # listed last: its hooks run after the study's
         def on_test_start(self, trainer, pl_module):
-            quantization.models["int8_dynamic"] = _Recording(quantization.models["int8_dynamic"])
+            self.study = _RUNS[trainer].study
+            for model in self.study.models.values():
+                model.model = _Recording(model.model).eval()  # a new wrapper is in training mode
 
         def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-            int8 = quantization.models["int8_dynamic"]
-            assert all(p.device.type == "cpu" for p in int8.parameters())
-            assert len(int8.batches) == len(quantization.input_names)
-            for name, images in zip(quantization.input_names, int8.batches):
+            fp32, int8 = self.study.models["fp32"], self.study.models["int8_dynamic"]
+            names = [kind.name for kind in self.study.kinds(int8)]
+            assert all(p.device.type == "cpu" for p in int8.model.parameters())
+            if batch_idx:  # (the first batch's passes follow the latency runs)
+                assert len(int8.model.batches) == len(names)  # one pass per input kind, no attack
+            # The fp32 model's last passes are its predictions (FGSM's passes come first), in the same order.
+            for name, images, fp32_images in zip(names, int8.model.batches[-len(names):],
+                                                 fp32.model.batches[-len(names):]):
                 assert images.device.type == "cpu"
-                assert torch.equal(images, robustness.inputs[name].cpu()), name  # not attacked or defended anew
-            checked.append(quantization.input_names)
-            int8.batches.clear()
+                assert torch.equal(images, fp32_images.cpu()), name  # not attacked or defended anew
+            checked.append(names)
+            for model in (fp32, int8):
+                model.model.batches.clear()
 
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=TensorBoardLogger(tmp_path),
                         enable_progress_bar=False, limit_test_batches=2,
-                        callbacks=[robustness, quantization, CompareWithFP32Inputs()])
+                        callbacks=[QuantizationEvaluation(static=False),
+                                   RobustnessEvaluation(eps_sweep=[], strong_attacks=False), CompareWithFP32Inputs()])
     trainer.test(ClassifierModule(), CIFAR10DataModule(data_dir=str(cifar_slice), batch_size=32), verbose=False)
     assert len(checked) == 2 and {"fgsm", "fgsm/jpeg_q30", "clean/tv_w0.1"} <= set(checked[0])
+
+
+def _study_results(tmp_path, cifar_slice, callbacks) -> "pd.DataFrame":
+    import pandas as pd
+
+    logger = TensorBoardLogger(tmp_path)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=logger, enable_progress_bar=False, limit_test_batches=2,
+                        callbacks=callbacks)
+    torch.manual_seed(0)
+    trainer.test(ClassifierModule(), CIFAR10DataModule(data_dir=str(cifar_slice), batch_size=32), verbose=False)
+    return pd.read_csv(f"{logger.log_dir}/results.csv")
+
+
+def test_the_study_callbacks_work_alone_and_in_either_order(cifar_slice, tmp_path):
+    """Each callback stands on its own, and listing them the other way round changes no number."""
+    import pandas as pd
+
+    def robustness():
+        return RobustnessEvaluation(eps_sweep=[2 / 255], subset=16, pgd_steps=2, ensemble=["apgd-ce"], adaptive=False)
+
+    forward = _study_results(tmp_path / "a", cifar_slice, [robustness(), QuantizationEvaluation(static=False)])
+    backward = _study_results(tmp_path / "b", cifar_slice, [QuantizationEvaluation(static=False), robustness()])
+    pd.testing.assert_frame_equal(forward, backward)
+    assert {"transfer", "whitebox", "apgd-ce", "fgsm_eps0.0078"} <= set(forward.input)
+    alone = _study_results(tmp_path / "c", cifar_slice, [QuantizationEvaluation(static=False)])
+    assert list(zip(alone.model, alone.input)) == [("fp32", "clean"), ("int8_dynamic", "clean")]
+    clean = forward[forward.input == "clean"].set_index("model").acc
+    assert alone.set_index("model").acc.to_dict() == clean.to_dict()  # the same images, the same numbers
+    robust_alone = _study_results(tmp_path / "d", cifar_slice, [robustness()])
+    assert set(robust_alone.model) == {"fp32"}
+    pd.testing.assert_frame_equal(robust_alone, forward[forward.model == "fp32"].reset_index(drop=True))
