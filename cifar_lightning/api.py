@@ -39,6 +39,7 @@ class StudyResults:
     results: pd.DataFrame  # one row per (model, input kind) (results.csv)
     per_class: pd.DataFrame  # accuracy per class (per_class.csv)
     robust_masks: pd.DataFrame | None  # per subset image and strong attack: 1 if robust (robust_masks.csv)
+    stage_times: pd.DataFrame  # wall seconds per stage (results.md)
     run_dir: Path
 
 
@@ -94,4 +95,5 @@ def evaluate(model: nn.Module, data_dir: str | Path = "data", *, normalization: 
     logger.finalize("success")
     run.write(run_dir, figures, masks)
     report = run.report
-    return StudyResults(report.summary_frame(), report.details(), report.per_class_frame(), masks, run_dir)
+    return StudyResults(report.summary_frame(), report.details(), report.per_class_frame(), masks,
+                        report.timings_frame(), run_dir)

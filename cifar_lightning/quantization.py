@@ -144,6 +144,15 @@ def _fake_quantize_node(x: Tensor, scale: Tensor, zero_point: Tensor, dtype: tor
     return fake_quantize(x, scale, zero_point)
 
 
+def _fake_quantized_add(a: Tensor, b: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """Stands in for ``torch.ops.quantized.add`` (a residual connection's int8 sum)."""
+    return fake_quantize(a + b, scale, zero_point)
+
+
+def _fake_quantized_add_relu(a: Tensor, b: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    return fake_quantize((a + b).relu(), scale, zero_point)
+
+
 class _FakeQuantizedLayer(nn.Module):
     """A float twin of a static int8 Conv2d or Linear layer (ReLU fused or not): its dequantized
     weights, its float bias, and its output fake-quantized with its own scale and zero point."""
@@ -203,9 +212,11 @@ def fake_quant_surrogate(quantized: nn.Module) -> nn.Module:
             if type(module) in twins:
                 surrogate.set_submodule(name, twins[type(module)](module))
     if isinstance(surrogate, torch.fx.GraphModule):
+        float_twins = {torch.quantize_per_tensor: _fake_quantize_node, torch.ops.quantized.add: _fake_quantized_add,
+                       torch.ops.quantized.add_relu: _fake_quantized_add_relu}
         for node in list(surrogate.graph.nodes):
-            if node.target is torch.quantize_per_tensor:
-                node.target = _fake_quantize_node
+            if node.op == "call_function" and node.target in float_twins:
+                node.target = float_twins[node.target]
             elif node.op == "call_method" and node.target == "dequantize":  # no gradient; the tensor is float now
                 node.replace_all_uses_with(node.args[0])
                 surrogate.graph.erase_node(node)

@@ -260,3 +260,19 @@ def test_the_study_callbacks_work_alone_and_in_either_order(cifar_slice, tmp_pat
     robust_alone = _study_results(tmp_path / "d", cifar_slice, [robustness()])
     assert set(robust_alone.model) == {"fp32"}
     pd.testing.assert_frame_equal(robust_alone, forward[forward.model == "fp32"].reset_index(drop=True))
+
+
+def test_the_surrogate_of_a_residual_network_follows_its_int8_adds():
+    """FX turns a residual connection's sum into ``quantized.add``; the surrogate adds in float and
+    fake-quantizes with that add's own scale and zero point, so it still predicts what int8 predicts."""
+    from tests.small_resnet import SmallResNet
+
+    torch.manual_seed(0)
+    images = torch.rand(64, 3, 32, 32)
+    static = quantize_static(SmallResNet().eval(), torch.rand(64, 3, 32, 32))
+    surrogate = fake_quant_surrogate(static)
+    with torch.inference_mode():
+        assert torch.equal(surrogate(images).argmax(1), static(images).argmax(1))
+    attacked = images[:4].clone().requires_grad_(True)
+    surrogate(attacked).logsumexp(dim=1).sum().backward()
+    assert attacked.grad.abs().sum() > 0
