@@ -8,7 +8,7 @@ from weakref import WeakKeyDictionary
 import lightning as L
 import torch.distributed as dist
 
-from cifar_lightning.dashboard import training_hparams, trial_name
+from cifar_lightning.dashboard import UNKNOWN_RECIPE, training_hparams, trial_name
 from cifar_lightning.evaluation import ModelUnderTest
 from cifar_lightning.study import Gather, Study, publish
 
@@ -110,6 +110,7 @@ class StudyCallback(L.Callback):
         """The run's HPARAMS row: the recipe of the weights tested (from their checkpoint), then this study."""
         trained = getattr(pl_module, "trained_with", None) or {"hparams": dict(pl_module.hparams),
                                                                 "epochs": pl_module.current_epoch, "batch_size": None}
+        recipe = UNKNOWN_RECIPE if getattr(pl_module, "loaded_from", None) else training_hparams(**trained)
         defenses = ", ".join(d.name for d in study.attacks.defenses) if study.attacks else ""
-        return training_hparams(**trained) | {"eps_test": study.eps if study.eps is not None else 0.0,
+        return recipe | {"eps_test": study.eps if study.eps is not None else 0.0,
                                               "defenses": defenses or "none"}

@@ -22,13 +22,11 @@ from tqdm.auto import tqdm
 
 from callbacks.quantization import QuantizationEvaluation
 from callbacks.robustness import RobustnessEvaluation
-from cifar_lightning.dashboard import trial_name
-from cifar_lightning.data import CIFAR10_MEAN, CIFAR10_STD, load_cifar10
+from cifar_lightning.dashboard import UNKNOWN_RECIPE, trial_name
+from cifar_lightning.data import load_cifar10
 from cifar_lightning.evaluation import ModelUnderTest
-from cifar_lightning.models import Normalized
+from cifar_lightning.models import CIFAR10_NORMALIZATION, check_normalization, pixel_input
 from cifar_lightning.study import Study, publish
-
-CIFAR10_NORMALIZATION = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
 
 
 @dataclass
@@ -66,11 +64,9 @@ def evaluate(model: nn.Module, data_dir: str | Path = "data", *, normalization: 
             ``subset``, ``pgd_steps``, ``pgd_restarts``, ``ensemble``, ``adaptive``, ``seed``, ``sample``…).
     """
     robustness = RobustnessEvaluation(**study)
+    check_normalization(normalization, "evaluate")
     device = torch.device(device)
-    network = copy.deepcopy(model)
-    if normalization is not None:
-        network = Normalized(network, normalization["mean"], normalization["std"])
-    network = network.to(device, memory_format=torch.channels_last).eval()
+    network = pixel_input(copy.deepcopy(model), normalization).to(device, memory_format=torch.channels_last).eval()
     test_images, test_labels = load_cifar10(data_dir, train=False)
     test_images, test_labels = test_images[:images], test_labels[:images]
 
@@ -89,7 +85,7 @@ def evaluate(model: nn.Module, data_dir: str | Path = "data", *, normalization: 
     logger = TensorBoardLogger(runs_dir, name="", default_hp_metric=False)
     run_dir = Path(logger.log_dir)
     figures, masks = run.figures(), run.robust_masks()
-    hparams = {"adversarial_training": "not known", "recipe": "not known", "eps_test": run.eps or 0.0,
+    hparams = UNKNOWN_RECIPE | {"eps_test": run.eps or 0.0,
                "defenses": ", ".join(d.name for d in run.attacks.defenses) or "none"}
     publish(run, logger, 0, figures, hparams, trial_name(name, run.eps or 0.0, datetime.now()))
     logger.finalize("success")

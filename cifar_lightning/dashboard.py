@@ -57,6 +57,10 @@ def training_hparams(hparams: Mapping, epochs: int, batch_size: int | None) -> d
     }
 
 
+# The recipe of weights from outside the project (a state_dict, a TorchScript file…): nothing says it.
+UNKNOWN_RECIPE = {"adversarial_training": "not known", "recipe": "not known"}
+
+
 def trial_name(weights: str, eps: float, tested_at: datetime) -> str:
     """A test run's trial ID in the HPARAMS table. TensorBoard averages the metrics of every run with
     the same trial ID, as repeats of one trial; so it names the weights, the budget and the time of

@@ -1,9 +1,12 @@
 """The classifier of the study and the wrapper that lets it take pixel-space input."""
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from cifar_lightning.data import CIFAR10_MEAN, CIFAR10_STD
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -60,3 +63,34 @@ class Normalized(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model((x - self.mean) / self.std)
+
+
+# What ImprovedCNN takes: CIFAR-10 images standardised per channel.
+CIFAR10_NORMALIZATION = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+
+
+def check_normalization(normalization: Mapping[str, Sequence[float]] | None, owner: str) -> None:
+    """Raise ValueError, naming the field, unless ``normalization`` is null or a finite mean and a std > 0
+    for each of the 3 channels."""
+    fix = (f"Fix: --model.normalization '{{mean: [r, g, b], std: [r, g, b]}}' as the network was trained, e.g. "
+           f"CIFAR-10's {{mean: {list(CIFAR10_MEAN)}, std: {list(CIFAR10_STD)}}}, or null for a network that takes "
+           f"[0, 1] pixels")
+    if normalization is None:
+        return
+    if set(normalization) != {"mean", "std"}:
+        raise ValueError(f"{owner}: normalization has the keys {sorted(normalization)}, not mean and std. "
+                         f"{fix}")
+    for key, values in normalization.items():
+        if len(values) != 3:
+            raise ValueError(f"{owner}: normalization.{key}={list(values)} must hold 3 numbers, one per RGB "
+                             f"channel. {fix}")
+        if not all(math.isfinite(value) and (key == "mean" or value > 0) for value in values):
+            rule = "finite" if key == "mean" else "finite and > 0"
+            raise ValueError(f"{owner}: normalization.{key}={list(values)} must be {rule}. {fix}")
+
+
+def pixel_input(network: nn.Module, normalization: Mapping[str, Sequence[float]] | None) -> Normalized:
+    """``network`` as a model of [0, 1] images: normalised with ``normalization``'s ``mean`` and ``std``
+    first, or fed the pixels as they are (None: mean 0, std 1, so its weights keep the same names)."""
+    mean, std = ((0.0,) * 3, (1.0,) * 3) if normalization is None else (normalization["mean"], normalization["std"])
+    return Normalized(network, mean, std)

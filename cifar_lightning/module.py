@@ -13,35 +13,12 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_lightning.adversarial import TrainingAttack
 from cifar_lightning.attacks import fgsm, pgd, run_attack
-from cifar_lightning.data import CIFAR10_MEAN, CIFAR10_STD, CLASSES
-from cifar_lightning.models import ImprovedCNN, Normalized
-
-# What ImprovedCNN takes: CIFAR-10 images standardised per channel.
-CIFAR10_NORMALIZATION = {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+from cifar_lightning.data import CLASSES
+from cifar_lightning.models import CIFAR10_NORMALIZATION, ImprovedCNN, check_normalization, pixel_input
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def _check_normalization(normalization: dict[str, Sequence[float]] | None) -> None:
-    """Raise ValueError, naming the field, unless ``normalization`` is null or a finite mean and a std > 0
-    for each of the 3 channels."""
-    fix = (f"Fix: --model.normalization '{{mean: [r, g, b], std: [r, g, b]}}' as the network was trained, e.g. "
-           f"CIFAR-10's {{mean: {list(CIFAR10_MEAN)}, std: {list(CIFAR10_STD)}}}, or null for a network that takes "
-           f"[0, 1] pixels")
-    if normalization is None:
-        return
-    if set(normalization) != {"mean", "std"}:
-        raise ValueError(f"ClassifierModule: normalization has the keys {sorted(normalization)}, not mean and std. "
-                         f"{fix}")
-    for key, values in normalization.items():
-        if len(values) != 3:
-            raise ValueError(f"ClassifierModule: normalization.{key}={list(values)} must hold 3 numbers, one per RGB "
-                             f"channel. {fix}")
-        if not all(math.isfinite(value) and (key == "mean" or value > 0) for value in values):
-            rule = "finite" if key == "mean" else "finite and > 0"
-            raise ValueError(f"ClassifierModule: normalization.{key}={list(values)} must be {rule}. {fix}")
 
 
 class ClassifierModule(L.LightningModule):
@@ -116,7 +93,7 @@ class ClassifierModule(L.LightningModule):
         ]:
             if not valid:
                 raise ValueError(f"ClassifierModule: {name}={value} must be {rule}")
-        _check_normalization(normalization)
+        check_normalization(normalization, "ClassifierModule")
         # Before `network` is filled in: it reads the arguments as given. Not to the logger: a test run
         # shows the dashboard's own choice of them (`dashboard.HPARAMS`), not every argument.
         self.save_hyperparameters(logger=False)
@@ -127,8 +104,7 @@ class ClassifierModule(L.LightningModule):
         if outputs != num_classes:
             raise ValueError(f"ClassifierModule: the network returns {outputs} logits, not num_classes={num_classes}. "
                              f"Fix: give the network {num_classes} outputs (e.g. init_args: {{num_classes: {num_classes}}})")
-        mean, std = ((0.0,) * 3, (1.0,) * 3) if normalization is None else (normalization["mean"], normalization["std"])
-        self.net = Normalized(network, mean, std).to(memory_format=torch.channels_last)
+        self.net = pixel_input(network, normalization).to(memory_format=torch.channels_last)
         self.training_attack = TrainingAttack(adversarial, adversarial_eps, adversarial_alpha, adversarial_steps)
         self.metrics = nn.ModuleDict(
             {

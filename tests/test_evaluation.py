@@ -10,8 +10,8 @@ from cifar_lightning.defenses import JpegCompression, MedianFilter
 from cifar_lightning.evaluation import (
     AttackSuccessRate,
     AttackSuite,
-    RobustAccuracy,
     InputKind,
+    RobustAccuracy,
     RobustnessMetrics,
     StageTimer,
     StrongAttacks,

@@ -231,7 +231,7 @@ def test_the_int8_copies_are_scored_on_the_very_images_of_the_fp32_model(cifar_s
     assert len(checked) == 2 and {"fgsm", "fgsm/jpeg_q30", "clean/tv_w0.1"} <= set(checked[0])
 
 
-def _study_results(tmp_path, cifar_slice, callbacks) -> "pd.DataFrame":
+def _study_results(tmp_path, cifar_slice, callbacks):
     import pandas as pd
 
     logger = TensorBoardLogger(tmp_path)
