@@ -127,15 +127,24 @@ def load_checkpoint(path: str | Path) -> dict:
     return model_file.content
 
 
-def load_network(model_file: ModelFile, network: nn.Module) -> nn.Module:
-    """The classifier of ``model_file`` (not a Lightning checkpoint: Lightning restores those):
-    ``network`` with the file's weights loaded into it, or the file's program (``network`` unused)."""
+def load_network(model_file: ModelFile, network: nn.Module | None) -> nn.Module:
+    """The classifier of ``model_file``: ``network`` with the file's weights loaded into it (a Lightning
+    checkpoint's too), or the file's program (``network`` unused)."""
     if model_file.is_program:
         return model_file.content
-    weights = _without_prefix(model_file.content, network.state_dict().keys())
+    if network is None:
+        raise CheckpointError(f"{model_file.path} is a {model_file.format} file: weights without the network they "
+                              f"belong to. Fix: pass the network, e.g. load_model(path, ImprovedCNN()).")
+    weights = _without_prefix(dict(model_file.weights), network.state_dict().keys())
     check_matches(weights, network, model_file.path)
     network.load_state_dict(weights)
     return network
+
+
+def load_model(path: str | Path, network: nn.Module | None = None) -> nn.Module:
+    """The classifier in the model file at ``path``, in any of the formats above, for ``evaluate``:
+    ``network`` holding the file's weights, or the file's program (then no ``network`` is needed)."""
+    return load_network(read_model_file(path), network)
 
 
 def _first_line(err: BaseException) -> str:
