@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from callbacks.quantization import QuantizationEvaluation
 from callbacks.robustness import RobustnessEvaluation
 from cifar_lightning.dashboard import UNKNOWN_RECIPE, trial_name
-from cifar_lightning.data import load_cifar10
+from cifar_lightning.data import CLASSES, load_cifar10
 from cifar_lightning.evaluation import ModelUnderTest
 from cifar_lightning.models import CIFAR10_NORMALIZATION, check_normalization, pixel_input
 from cifar_lightning.study import Study, publish
@@ -67,6 +67,12 @@ def evaluate(model: nn.Module, data_dir: str | Path = "data", *, normalization: 
     check_normalization(normalization, "evaluate")
     device = torch.device(device)
     network = pixel_input(copy.deepcopy(model), normalization).to(device, memory_format=torch.channels_last).eval()
+    with torch.no_grad():
+        logits = network(torch.zeros(1, 3, 32, 32, device=device))
+    if logits.shape != (1, len(CLASSES)):
+        raise ValueError(f"evaluate: the model returns {tuple(logits.shape)} for a (1, 3, 32, 32) image, not "
+                         f"(1, {len(CLASSES)}) logits. Fix: pass a classifier with {len(CLASSES)} outputs, one per "
+                         f"CIFAR-10 class.")
     test_images, test_labels = load_cifar10(data_dir, train=False)
     test_images, test_labels = test_images[:images], test_labels[:images]
 

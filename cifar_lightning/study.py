@@ -220,21 +220,23 @@ class Study:
     def _strong_attacks(self, model: ModelUnderTest, progress: bool) -> None:
         """The strong attacks on ``model``: its own white-box chains and adaptive attacks when it has
         gradients, else the first model's worst case (transfer) and PGD on its surrogate."""
-        if model.gradients:
-            kinds, attack = self.strong.kinds, self._white_box
-        else:
-            kinds, attack = self.strong.without_gradients_kinds(model.surrogate is not None), self._without_gradients
+        kinds = self.strong.kinds if model.gradients else \
+            self.strong.without_gradients_kinds(model.surrogate is not None)
         metrics = RobustAccuracy(kinds, self.device)
-        masks, adversarial = [], []
         agreement = MulticlassAccuracy(len(CLASSES), average="micro").to(self.device)
+        masks, adversarial = [], []
         for part in self._subset_batches(f"{model.name}: strong attacks", progress):
             images = self.subset["images"][part].to(model.device)
             labels = self.subset["labels"][part].to(model.device)
             standing = {kind: right[part].to(model.device) for kind, right in self.subset["standing"][model.name].items()}
-            robust, worst = attack(model, images, labels, standing, part, agreement)
+            if model.gradients:
+                robust, worst = self.strong(model.model, images, labels, standing, self.timer)
+                robust[CLEAN.name] = standing[CLEAN.name]
+                adversarial.append(worst)
+            else:
+                robust = self._without_gradients(model, images, labels, standing["fgsm"], part, agreement)
             metrics.update({kind: mask.to(self.device) for kind, mask in robust.items()})
             masks.append(robust)
-            adversarial.append(worst)
         if model is self.primary:
             self.subset["adversarial"] = torch.cat(adversarial) if adversarial else self.subset["images"]
         self.masks |= {f"{model.name}/{kind.name}": torch.cat([m[kind.name] for m in masks]).cpu() if masks
@@ -246,17 +248,12 @@ class Study:
         if model is self.primary:
             self.accuracy |= results["acc"] | {"clean (subset)": results["clean_acc"]}
 
-    def _white_box(self, model: ModelUnderTest, images: Tensor, labels: Tensor, standing: dict[str, Tensor],
-                   part: slice, agreement: MulticlassAccuracy) -> tuple[dict[str, Tensor], Tensor]:
-        robust, worst = self.strong(model.model, images, labels, standing, self.timer)
-        return robust | {CLEAN.name: standing[CLEAN.name]}, worst
-
-    def _without_gradients(self, model: ModelUnderTest, images: Tensor, labels: Tensor,
-                           standing: dict[str, Tensor], part: slice,
-                           agreement: MulticlassAccuracy) -> tuple[dict[str, Tensor], Tensor]:
+    def _without_gradients(self, model: ModelUnderTest, images: Tensor, labels: Tensor, standing: Tensor,
+                           part: slice, agreement: MulticlassAccuracy) -> dict[str, Tensor]:
+        """Robust masks of a model without gradients on a part of the subset: under the first model's
+        worst-case images, and under PGD on its surrogate (``agreement``: surrogate vs model, clean)."""
         judge, strong = partial(predicted_labels, model.model), self.strong
         transfer, *whitebox = strong.without_gradients_kinds(model.surrogate is not None)
-        standing = standing["fgsm"]  # right on the clean image and after FGSM
         robust = {CLEAN.name: judge(images) == labels}
         with self.timer(f"{model.name} transfer"):
             worst = self.subset["adversarial"][part].to(model.device)
@@ -268,7 +265,7 @@ class Study:
                 robust[whitebox[0].name] = attack_chain({whitebox[0].name: attack}, judge, images, labels,
                                                         standing)[1][whitebox[0].name]
             agreement.update(predicted_labels(model.surrogate, images).to(self.device), judge(images).to(self.device))
-        return robust, worst
+        return robust
 
     def robust_masks(self, gather: Gather = _local) -> pd.DataFrame | None:
         """Per subset image (test index, label): 1 if robust under each ``<model>/<input>``, from every

@@ -60,3 +60,7 @@ def test_evaluate_takes_a_model_of_pixels_and_refuses_bad_options(cifar_slice, t
     assert list(results.results.input) == ["clean", "fgsm"]
     with pytest.raises(ValueError, match="RobustnessEvaluation: eps=2 must be in"):
         evaluate(pixels, cifar_slice, eps=2)
+    with pytest.raises(ValueError, match=r"evaluate: the model returns \(1, 5\) for a \(1, 3, 32, 32\) image"):
+        evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 5)), cifar_slice)
+    with pytest.raises(ValueError, match=r"evaluate: normalization.std=\[0.5\] must hold 3 numbers"):
+        evaluate(pixels, cifar_slice, normalization={"mean": [0.5] * 3, "std": [0.5]})
