@@ -8,7 +8,13 @@ import torch
 from callbacks.study import StudyCallback
 from cifar_lightning.data import load_cifar10
 from cifar_lightning.evaluation import ModelUnderTest
-from cifar_lightning.quantization import QuantizationError, fake_quant_surrogate, int8_copies
+from cifar_lightning.quantization import (
+    QuantizationError,
+    check_quantizable,
+    fake_quant_surrogate,
+    quantize_dynamic_linear,
+    quantize_static,
+)
 from cifar_lightning.study import Study
 
 
@@ -55,12 +61,19 @@ class QuantizationEvaluation(StudyCallback):
         if self.static:
             images, _ = load_cifar10(data_dir, train=True)
             calibration = images[: self.calibration_images].float() / 255
+        model = study.primary.model
         with study.timer("quantization"):
             try:
-                copies = int8_copies(study.primary.model, calibration)
+                check_quantizable(model)
             except QuantizationError as err:
                 study.note(f"no int8 copies: {err}")
                 return
+            copies = {"int8_dynamic": quantize_dynamic_linear(model)}
+            if calibration is not None:
+                try:
+                    copies["int8_static"] = quantize_static(model, calibration)
+                except QuantizationError as err:
+                    study.note(f"no int8_static copy: {err}")
             for name, model in copies.items():
                 surrogate = fake_quant_surrogate(model) if self.whitebox else None
                 study.add_model(ModelUnderTest(name, model, torch.device("cpu"), gradients=False, surrogate=surrogate,

@@ -56,25 +56,14 @@ class QuantizationError(ValueError):
     """The quantizer cannot take this model; the message says why."""
 
 
-def int8_copies(model: nn.Module, calibration_images: Tensor | None = None) -> dict[str, nn.Module]:
-    """``int8_dynamic`` (:func:`quantize_dynamic_linear`) and, given calibration images,
-    ``int8_static`` (:func:`quantize_static`) copies of ``model``.
-
-    Raises :class:`QuantizationError` for a model the quantizer cannot take: a TorchScript or
-    ``torch.export`` program (no Python modules to swap), or a network FX cannot trace.
-    """
-    if isinstance(model, torch.jit.ScriptModule) or any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+def check_quantizable(model: nn.Module) -> None:
+    """Raise :class:`QuantizationError` for a model torch.ao cannot quantize: a TorchScript program (no
+    Python modules to swap) or one with no ``nn.Linear`` layer (a ``torch.export`` program has none)."""
+    if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
         raise QuantizationError("a TorchScript program cannot be quantized here (torch.ao needs the Python modules)")
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
-        raise QuantizationError("the model has no nn.Linear layer for dynamic int8 (a torch.export program keeps none)")
-    copies = {"int8_dynamic": quantize_dynamic_linear(model)}
-    if calibration_images is not None:
-        try:
-            copies["int8_static"] = quantize_static(model, calibration_images)
-        except (torch.fx.proxy.TraceError, TypeError, NotImplementedError, RuntimeError) as err:
-            raise QuantizationError(f"static int8 needs a network torch.fx can trace ({type(err).__name__}: "
-                                    f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    return copies
+        raise QuantizationError("the model has no nn.Linear layer, which dynamic int8 quantizes (a torch.export "
+                                "program has none)")
 
 
 def _cpu_eval_copy(model: nn.Module) -> nn.Module:
@@ -114,7 +103,11 @@ def quantize_static(model: nn.Module, calibration_images: Tensor, batch_size: in
         )
     _, qconfig_mapping, prepare_fx, convert_fx = _ao_quantization()
     with _quiet_deprecations():
-        prepared = prepare_fx(_cpu_eval_copy(model), qconfig_mapping("x86"), example_inputs=(images[:1],))
+        try:
+            prepared = prepare_fx(_cpu_eval_copy(model), qconfig_mapping("x86"), example_inputs=(images[:1],))
+        except (torch.fx.proxy.TraceError, TypeError, NotImplementedError) as err:  # data-dependent control flow
+            raise QuantizationError(f"static int8 needs a network torch.fx can trace ({type(err).__name__}: "
+                                    f"{(str(err).splitlines() or [''])[0]})") from None
         for batch in images.split(batch_size):
             prepared(batch)
         return convert_fx(prepared)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 from matplotlib.figure import Figure
 from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
@@ -95,7 +96,8 @@ class Study:
 
     def note(self, message: str) -> None:
         """A line for the reader of the results (something not run, and why); printed now too."""
-        print(f"cifar-lightning: {message}")
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            print(f"cifar-lightning: {message}")
         self.report.notes.append(message)
 
     def kinds(self, model: ModelUnderTest) -> list[InputKind]:

@@ -21,7 +21,7 @@ args = parser.parse_args()
 
 model = load_model(args.weights, ImprovedCNN())
 # ImprovedCNN takes CIFAR-10-normalised images (the default); a model of [0, 1] pixels: normalization=None.
-results = evaluate(model, args.data_dir, eps=8 / 255, images=args.images, subset=args.images // 10)
+results = evaluate(model, args.data_dir, eps=8 / 255, images=args.images, subset=max(1, args.images // 10))
 
 print(results.summary[["model", "clean_acc", "fgsm_acc", "pgd_acc", "apgd-t_acc"]].to_string(index=False))
 worst = results.results[results.results.threat == "white-box"].acc.min()

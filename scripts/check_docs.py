@@ -7,7 +7,7 @@ lines ending in a backslash joined). Each is checked without training or testing
 
 - ``cifar-lightning …`` runs with ``--print_config`` appended: the config and every option are
   parsed, nothing is trained. ``--print_config`` exits before the CLI opens ``--ckpt_path``, so
-  this script checks what it skips: ``test`` and ``validate`` need a ``--ckpt_path``, and a
+  this script checks what it skips: ``test``, ``validate`` and ``predict`` need a ``--ckpt_path``, and a
   checkpoint that names a file must load weights-only (``torch.load(weights_only=True)``);
 - ``make X`` runs as ``make -n X``;
 - ``.venv/bin/python scripts/compare_studies.py`` and ``scripts/time_to_accuracy.py`` really run
@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin, as tests/helpers.py finds the entry point
 FENCE = re.compile(r"^\s*```\s*([\w-]*)\s*$")
 SHELL_BLOCKS = {"bash", "sh", "shell"}
-SUBCOMMANDS = {"fit", "validate", "test"}  # the ones the docs may use
-NEEDS_CHECKPOINT = {"validate", "test"}
+SUBCOMMANDS = {"fit", "validate", "test", "predict"}  # the ones the docs may use
+NEEDS_CHECKPOINT = {"validate", "test", "predict"}
 REAL_RUNS = {"scripts/compare_studies.py", "scripts/time_to_accuracy.py"}  # they only read run folders
 # Paths a script writes rather than reads: script → positional indices (the file must not exist yet:
 # the script never overwrites) and options (a folder, made if missing).

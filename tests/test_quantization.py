@@ -264,7 +264,8 @@ def test_the_study_callbacks_work_alone_and_in_either_order(cifar_slice, tmp_pat
 
 def test_the_surrogate_of_a_residual_network_follows_its_int8_adds():
     """FX turns a residual connection's sum into ``quantized.add``; the surrogate adds in float and
-    fake-quantizes with that add's own scale and zero point, so it still predicts what int8 predicts."""
+    fake-quantizes with that add's own scale and zero point, so its logits stay within a few int8 steps
+    (an untrained network's are near-ties, so its argmax may differ; a trained one's agree, as above)."""
     from tests.small_resnet import SmallResNet
 
     torch.manual_seed(0)
@@ -272,7 +273,34 @@ def test_the_surrogate_of_a_residual_network_follows_its_int8_adds():
     static = quantize_static(SmallResNet().eval(), torch.rand(64, 3, 32, 32))
     surrogate = fake_quant_surrogate(static)
     with torch.inference_mode():
-        assert torch.equal(surrogate(images).argmax(1), static(images).argmax(1))
+        assert (surrogate(images) - static(images)).abs().max() < 0.01  # logits of about ±0.1, steps of 0.0015
     attacked = images[:4].clone().requires_grad_(True)
     surrogate(attacked).logsumexp(dim=1).sum().backward()
     assert attacked.grad.abs().sum() > 0
+
+
+class _Branching(nn.Module):
+    """A classifier with data-dependent control flow, which torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(images.flatten(1))
+        return logits if images.sum() > 0 else -logits
+
+
+def test_a_network_static_int8_cannot_trace_keeps_its_dynamic_copy_and_a_note(cifar_slice, capsys):
+    from cifar_lightning.evaluation import ModelUnderTest
+    from cifar_lightning.study import Study
+
+    study = Study(ModelUnderTest("fp32", _Branching().eval(), torch.device("cpu")))
+    QuantizationEvaluation(calibration_images=16).add_int8_copies(study, cifar_slice)
+    assert list(study.models) == ["fp32", "int8_dynamic"]
+    [note] = study.report.notes
+    assert note.startswith("no int8_static copy: static int8 needs a network torch.fx can trace (TraceError")
+    assert note in capsys.readouterr().out
+    scripted = Study(ModelUnderTest("fp32", torch.jit.script(ImprovedCNN().eval()), torch.device("cpu")))
+    QuantizationEvaluation().add_int8_copies(scripted, cifar_slice)
+    assert list(scripted.models) == ["fp32"] and scripted.report.notes[0].startswith("no int8 copies: a TorchScript")
