@@ -90,6 +90,8 @@ class Study:
         self.attacks, self.strong, self.subset_size, self.seed, self.sample = attacks, strong, subset, seed, sample
 
     def add_model(self, model: ModelUnderTest) -> None:
+        if self.begun:
+            raise RuntimeError(f"Study: {model.name!r} added after the first batch; add models before it")
         if model.name in self.models:
             raise ValueError(f"Study: a model named {model.name!r} is already under test")
         self.models[model.name] = model
