@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+MAKEFILE = (REPO / "Makefile").read_text()
 BIN = Path(sys.executable).parent  # the venv's bin, as tests/helpers.py finds the entry point
 FENCE = re.compile(r"^\s*```\s*([\w-]*)\s*$")
 SHELL_BLOCKS = {"bash", "sh", "shell"}
@@ -195,7 +196,8 @@ def plan(command: Command) -> Check:
     if program == "make":
         check.how = "make -n " + " ".join(argv[1:])
         check.job = {"kind": "process", "argv": ["make", "-n", *argv[1:]]}
-    elif venv_program not in PROGRAMS or (program != venv_program and not (REPO / ".venv/bin").is_dir()):
+    elif venv_program not in PROGRAMS or (program != venv_program and "VENV ?= .venv\n" not in MAKEFILE):
+        # `.venv/bin/…` is the venv `make` sets up by default (CI runs it as .venv-ci): run with this one.
         check.problems.append(f"no check for {argv[0]!r}: document make, cifar-lightning, .venv/bin/python or "
                               f".venv/bin/tensorboard commands")
     elif venv_program == "cifar-lightning":
