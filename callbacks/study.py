@@ -111,6 +111,4 @@ class StudyCallback(L.Callback):
         trained = getattr(pl_module, "trained_with", None) or {"hparams": dict(pl_module.hparams),
                                                                 "epochs": pl_module.current_epoch, "batch_size": None}
         recipe = UNKNOWN_RECIPE if getattr(pl_module, "loaded_from", None) else training_hparams(**trained)
-        defenses = ", ".join(d.name for d in study.attacks.defenses) if study.attacks else ""
-        return recipe | {"eps_test": study.eps if study.eps is not None else 0.0,
-                                              "defenses": defenses or "none"}
+        return recipe | study.hparams()

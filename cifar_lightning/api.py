@@ -91,9 +91,7 @@ def evaluate(model: nn.Module, data_dir: str | Path = "data", *, normalization: 
     logger = TensorBoardLogger(runs_dir, name="", default_hp_metric=False)
     run_dir = Path(logger.log_dir)
     figures, masks = run.figures(), run.robust_masks()
-    hparams = UNKNOWN_RECIPE | {"eps_test": run.eps or 0.0,
-               "defenses": ", ".join(d.name for d in run.attacks.defenses) or "none"}
-    publish(run, logger, 0, figures, hparams, trial_name(name, run.eps or 0.0, datetime.now()))
+    publish(run, logger, 0, figures, UNKNOWN_RECIPE | run.hparams(), trial_name(name, run.eps or 0.0, datetime.now()))
     logger.finalize("success")
     run.write(run_dir, figures, masks)
     report = run.report

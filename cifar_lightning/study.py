@@ -83,6 +83,11 @@ class Study:
     def eps(self) -> float | None:
         return None if self.attacks is None else self.attacks.eps
 
+    def hparams(self) -> dict[str, object]:
+        """This study's columns of the HPARAMS row: the test ε and the defenses."""
+        defenses = ", ".join(d.name for d in self.attacks.defenses) if self.attacks else ""
+        return {"eps_test": self.eps if self.eps is not None else 0.0, "defenses": defenses or "none"}
+
     def set_attacks(self, attacks: AttackSuite, strong: StrongAttacks | None, subset: int | None = 1000,
                     seed: int = 0, sample: str | int | None = "ship") -> None:
         """The per-batch attacks and defenses, the strong attacks on a seeded stratified ``subset`` of
