@@ -2,7 +2,7 @@
 
 The check parses each ``cifar-lightning`` command with ``--print_config`` in one interpreter
 through the installed entry point (as ``tests/helpers.CLI`` finds it), so the whole run takes
-about 20 s on 2 cores; it is given at most 60 s.
+about 20 s on 2 idle cores. The timeout only catches a hang: it is ten times that and more, so a loaded machine passes.
 """
 
 import os
@@ -13,12 +13,12 @@ from pathlib import Path
 from scripts import check_docs
 
 REPO = Path(__file__).resolve().parents[1]
-BUDGET = 60  # seconds for the whole check
+HANG = 600  # seconds: a hang, not a speed limit (about 20 s idle)
 
 
 def test_every_documented_command_runs_as_written():
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "check_docs.py")], cwd=REPO, capture_output=True,
-                            text=True, timeout=BUDGET, env=os.environ | {"OMP_NUM_THREADS": "1"})
+                            text=True, timeout=HANG, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert " 0 failed" in result.stdout
 
