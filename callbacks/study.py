@@ -43,7 +43,8 @@ class StudyCallback(L.Callback):
     """A test-time callback that adds what it owns to the trainer's :class:`~cifar_lightning.study.Study`
     (:meth:`contribute`) and drives the study with every other ``StudyCallback`` of that trainer.
 
-    The study's first model under test is the LightningModule's ``net`` (``fp32``). Each step of the
+    The study's first model under test is the LightningModule's ``frozen_net()`` (``fp32``; a
+    ``ClassifierModule``, whose ``test_step`` returns that model's logits of the batch). Each step of the
     study (a batch, the end of the epoch, writing the results) is done by whichever callback's hook
     runs first, once for all; so the callbacks work alone or together, listed in any order, and none
     reads another's state.
@@ -55,7 +56,7 @@ class StudyCallback(L.Callback):
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer not in _RUNS:
-            _RUNS[trainer] = _Run(Study(ModelUnderTest("fp32", pl_module.net, pl_module.device)))
+            _RUNS[trainer] = _Run(Study(ModelUnderTest("fp32", pl_module.frozen_net(), pl_module.device)))
         self.contribute(_RUNS[trainer].study, trainer, pl_module)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -69,7 +70,9 @@ class StudyCallback(L.Callback):
             run.indices = list(loader.sampler)
         images, labels = batch
         start = batch_idx * loader.batch_size
-        run.study.update(images, labels, run.indices[start:start + len(labels)])
+        # The module's test_step returns the logits of this very model (its frozen_net()).
+        logits = outputs.get("logits") if isinstance(outputs, dict) else None
+        run.study.update(images, labels, run.indices[start:start + len(labels)], logits)
         run.batches.add(batch_idx)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -25,6 +25,7 @@ from callbacks.robustness import RobustnessEvaluation
 from cifar_lightning.dashboard import UNKNOWN_RECIPE, trial_name
 from cifar_lightning.data import CLASSES, load_cifar10
 from cifar_lightning.evaluation import ModelUnderTest
+from cifar_lightning.frozen import frozen_copy
 from cifar_lightning.models import CIFAR10_NORMALIZATION, check_normalization, pixel_input
 from cifar_lightning.study import Study, publish
 
@@ -44,7 +45,7 @@ class StudyResults:
 def evaluate(model: nn.Module, data_dir: str | Path = "data", *, normalization: dict | None = CIFAR10_NORMALIZATION,
              quantization: bool | dict = True, images: int | None = None, batch_size: int = 128,
              device: str | torch.device = "cpu", runs_dir: str | Path = "lightning_logs", name: str = "model",
-             progress: bool = True, **study: object) -> StudyResults:
+             progress: bool = True, fast: bool = True, **study: object) -> StudyResults:
     """The robustness study of ``model`` on the CIFAR-10 test images in ``data_dir``.
 
     Args:
@@ -60,6 +61,8 @@ def evaluate(model: nn.Module, data_dir: str | Path = "data", *, normalization: 
         runs_dir: the run folder is a new ``version_N`` in it.
         name: the weights' name in TensorBoard's HPARAMS row.
         progress: progress bars.
+        fast: run the study on a frozen copy of ``model`` with BatchNorm folded into the convolutions
+            (``frozen.frozen_copy``: the same predictions, faster); false: on ``model`` as it is.
         **study: ``RobustnessEvaluation``'s arguments (``eps``, ``defenses``, ``eps_sweep``, ``strong_attacks``,
             ``subset``, ``pgd_steps``, ``pgd_restarts``, ``ensemble``, ``adaptive``, ``seed``, ``sample``…).
     """
@@ -67,6 +70,7 @@ def evaluate(model: nn.Module, data_dir: str | Path = "data", *, normalization: 
     check_normalization(normalization, "evaluate")
     device = torch.device(device)
     network = pixel_input(copy.deepcopy(model), normalization).to(device, memory_format=torch.channels_last).eval()
+    network = frozen_copy(network) if fast else network
     with torch.no_grad():
         logits = network(torch.zeros(1, 3, 32, 32, device=device))
     if logits.shape != (1, len(CLASSES)):

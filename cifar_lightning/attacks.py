@@ -6,7 +6,7 @@ model exactly as it found it: the mode of every submodule, BatchNorm statistics,
 weights' ``requires_grad`` and ``.grad``, and the global random stream (:func:`run_attack`).
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -37,6 +37,29 @@ def fgsm(model: nn.Module, eps: float = 0.03) -> torchattacks.FGSM:
     """Fast Gradient Sign Method (Goodfellow et al. 2015): x + ε·sign(∇ₓ loss), clipped to [0, 1]."""
     check_eps("fgsm", eps)
     return torchattacks.FGSM(model, eps=eps)
+
+
+def fgsm_at_budgets(model: nn.Module, images: Tensor, labels: Tensor, budgets: Sequence[float]) -> list[Tensor]:
+    """FGSM at each ε of ``budgets`` from one gradient: x + ε·sign(∇ₓ loss) does not depend on ε but
+    through the step, so one forward and backward pass serves every budget. Each result equals
+    ``run_attack(fgsm(model, ε), images, labels)`` exactly (tests/test_attacks.py).
+
+    Args:
+        model: a classifier of [0, 1] images (left as it was, as by :func:`run_attack`).
+        images, labels: (N, 3, H, W) in [0, 1] and (N,).
+        budgets: the ε of each result, in [0, 1].
+
+    Returns:
+        One (N, 3, H, W) batch of adversarial images per budget, in order.
+    """
+    for eps in budgets:
+        check_eps("fgsm", eps)
+    with torch.inference_mode(False), torch.enable_grad(), untouched(model):
+        clean = images.clone().requires_grad_(True)
+        # The loss torchattacks.FGSM takes the gradient of: the mean cross-entropy of the batch.
+        loss = nn.functional.cross_entropy(model(clean), labels.clone())
+        sign = torch.autograd.grad(loss, clean)[0].sign()
+        return [(clean + eps * sign).clamp(0, 1).detach() for eps in budgets]
 
 
 def pgd(model: nn.Module, eps: float = 8 / 255, steps: int = 10, alpha: float | None = None,

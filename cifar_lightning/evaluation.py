@@ -31,7 +31,7 @@ from cifar_lightning.attacks import (
     ThroughDefense,
     attack_chain,
     ensemble_member,
-    fgsm,
+    fgsm_at_budgets,
     pgd,
     run_attack,
 )
@@ -165,9 +165,9 @@ class AttackSuite:
     def __call__(self, model: nn.Module, images: Tensor, labels: Tensor, timer: StageTimer) -> dict[str, Tensor]:
         """All input kinds for a batch of [0, 1] images (N, 3, H, W), by name, on their device."""
         inputs = {CLEAN.name: images}
-        for kind in self.attacked_kinds:
-            with timer("fgsm (ε sweep)" if kind.sweep else "fgsm"):
-                inputs[kind.name] = run_attack(fgsm(model, kind.eps), images, labels)
+        with timer("fgsm"):
+            attacked = fgsm_at_budgets(model, images, labels, [kind.eps for kind in self.attacked_kinds])
+        inputs |= {kind.name: images for kind, images in zip(self.attacked_kinds, attacked)}
         for defense in self.defenses:
             with timer(f"defense {defense.name}"):
                 for kind in [CLEAN, *self.attacked_kinds]:

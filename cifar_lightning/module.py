@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from cifar_lightning.adversarial import TrainingAttack
 from cifar_lightning.attacks import fgsm, pgd, run_attack
 from cifar_lightning.data import CLASSES
+from cifar_lightning.frozen import frozen_copy
 from cifar_lightning.models import CIFAR10_NORMALIZATION, ImprovedCNN, check_normalization, pixel_input
 
 
@@ -55,6 +56,10 @@ class ClassifierModule(L.LightningModule):
             epoch at ``adversarial_eps`` to log ``val/fgsm_acc`` and ``val/pgd_acc`` (PGD-10); 0: off.
             Catastrophic overfitting (``val/pgd_acc`` collapsing while ``val/fgsm_acc`` climbs)
             stops the fit; the best checkpoint keeps the last good weights.
+        fast: evaluate (validation, test, predict, and the test-time study's attacks) on a frozen copy
+            of the network with BatchNorm folded into the convolutions (``frozen.frozen_copy``: the same
+            predictions, faster); false: on ``self.net`` itself. Not a hyperparameter of the weights: a
+            checkpoint does not keep it.
     """
 
     def __init__(
@@ -76,6 +81,7 @@ class ClassifierModule(L.LightningModule):
         adversarial_alpha: float | None = None,
         adversarial_steps: int = 10,
         val_attack_images: int = 0,
+        fast: bool = True,
     ) -> None:
         super().__init__()
         for name, value, valid, rule in [
@@ -96,7 +102,8 @@ class ClassifierModule(L.LightningModule):
         check_normalization(normalization, "ClassifierModule")
         # Before `network` is filled in: it reads the arguments as given. Not to the logger: a test run
         # shows the dashboard's own choice of them (`dashboard.HPARAMS`), not every argument.
-        self.save_hyperparameters(logger=False)
+        self.save_hyperparameters(logger=False, ignore=["fast"])
+        self.fast = fast
         network = network if network is not None else ImprovedCNN(num_classes)
         with torch.no_grad():
             outputs = network.eval()(torch.zeros(1, 3, 32, 32)).shape[-1]
@@ -121,10 +128,26 @@ class ClassifierModule(L.LightningModule):
         # The model file from outside that `self.net.model` was loaded from (`loading.py`); None for a
         # Lightning checkpoint or an untrained network.
         self.loaded_from: str | None = None
+        # `frozen_net()`'s copy, in a dict so that it is no submodule (not in the state_dict); emptied
+        # whenever the weights change.
+        self._frozen: dict[str, nn.Module] = {}
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits for images in [0, 1] of shape (N, 3, H, W)."""
         return self.net(images.contiguous(memory_format=torch.channels_last))
+
+    def frozen_net(self) -> nn.Module:
+        """The network as validation, test and predict run it: with ``fast``, a frozen copy of
+        ``self.net`` with BatchNorm folded (made on first use after the weights last changed: a
+        training step, a checkpoint load); without, ``self.net`` itself. Takes [0, 1] images."""
+        if not self.fast:
+            return self.net
+        if "net" not in self._frozen:
+            self._frozen["net"] = frozen_copy(self.net)
+        return self._frozen["net"]
+
+    def _evaluate(self, images: Tensor) -> Tensor:
+        return self.frozen_net()(images.contiguous(memory_format=torch.channels_last))
 
     def _step(self, logits: Tensor, labels: Tensor, stage: str) -> Tensor:
         smoothing = self.hparams.label_smoothing if stage == "train" else 0.0
@@ -147,6 +170,9 @@ class ClassifierModule(L.LightningModule):
             )
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._frozen.clear()  # the weights have changed
+
     def on_train_epoch_end(self) -> None:
         # Lightning does not step epoch-interval schedulers at the end of the epoch a resumed run restarts
         # in, as the metrics may be missing. When that epoch did validate, step ReduceLROnPlateau here, so
@@ -156,14 +182,15 @@ class ClassifierModule(L.LightningModule):
             self.lr_schedulers().step(val_loss)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._step(self(batch[0]), batch[1], "val")
+        self._step(self._evaluate(batch[0]), batch[1], "val")
         attacked = self.hparams.val_attack_images - batch_idx * self.trainer.val_dataloaders.batch_size
         if attacked > 0:
             images, labels = batch[0][:attacked], batch[1][:attacked]
             eps = self.hparams.adversarial_eps
-            for name, attack in (("fgsm", fgsm(self.net, eps)), ("pgd", pgd(self.net, eps, steps=10))):
+            net = self.frozen_net()
+            for name, attack in (("fgsm", fgsm(net, eps)), ("pgd", pgd(net, eps, steps=10))):
                 metric = self.metrics[f"val_{name}_acc"]
-                metric.update(self(run_attack(attack, images, labels)), labels)
+                metric.update(self._evaluate(run_attack(attack, images, labels)), labels)
                 self.log(f"val/{name}_acc", metric, on_step=False, on_epoch=True, prog_bar=name == "pgd",
                          batch_size=len(labels))
 
@@ -187,25 +214,29 @@ class ClassifierModule(L.LightningModule):
         checkpoint["best_pgd_acc"] = self.best_pgd_acc
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._frozen.clear()  # the weights are about to change
         self.best_pgd_acc = checkpoint.get("best_pgd_acc", 0.0)
         self.trained_with = {"hparams": dict(checkpoint.get("hyper_parameters", {})), "epochs": checkpoint.get("epoch", -1) + 1,
                              "batch_size": checkpoint.get("datamodule_hyper_parameters", {}).get("batch_size")}
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Logs test/acc and its flip average; returns the batch's ``logits`` (N, classes) of
+        ``frozen_net()``, which the test-time study (``callbacks.study``) then need not compute again."""
         images, labels = batch
-        logits = self(images)
+        logits = self._evaluate(images)
         self._step(logits, labels, "test")
         # Test-time augmentation, an extra number beside test/acc and never in its place: the mean of the
         # probabilities of each image and of its mirror image (training flips images left to right too).
         flip_average = self.metrics["test_acc_flip_average"]
-        flip_average.update(logits.softmax(1) + self(images.flip(-1)).softmax(1), labels)
+        flip_average.update(logits.softmax(1) + self._evaluate(images.flip(-1)).softmax(1), labels)
         self.log("test/acc_flip_average", flip_average, on_step=False, on_epoch=True, logger=False, batch_size=len(labels))
+        return {"logits": logits}
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """The class probabilities (N, classes) of a batch of images, and its labels (N,); written by
         ``callbacks.predictions.PredictionWriter``."""
         images, labels = batch
-        return {"probabilities": self(images).softmax(1), "labels": labels}
+        return {"probabilities": self._evaluate(images).softmax(1), "labels": labels}
 
     def on_test_epoch_end(self) -> None:
         # By hand: `self.log` would also add a point to the training run's `epoch` chart.

@@ -143,15 +143,19 @@ class Study:
             model.name, size_mb=state_dict_megabytes(model.model), cpu_ms_per_batch=latency["ms_per_batch"],
             cpu_images_per_s=latency["images_per_s"], cpu_threads=latency["threads"], eval_device=str(model.device))
 
-    def update(self, images: Tensor, labels: Tensor, indices: list[int]) -> None:
-        """One test batch: [0, 1] ``images`` (N, 3, H, W), ``labels`` (N,) and their test-set ``indices``."""
+    def update(self, images: Tensor, labels: Tensor, indices: list[int], clean_logits: Tensor | None = None) -> None:
+        """One test batch: [0, 1] ``images`` (N, 3, H, W), ``labels`` (N,) and their test-set ``indices``;
+        ``clean_logits``: the first model's logits (N, classes) of ``images`` when the caller has them
+        already (``ClassifierModule.test_step``), so that no image goes through a model twice."""
         primary = self.primary
         inputs = self.attacks(primary.model, images, labels, self.timer) if self.attacks else {CLEAN.name: images}
         probabilities = {}
         for name, model in self.models.items():
+            known = {CLEAN.name: clean_logits.softmax(dim=1)} if model is primary and clean_logits is not None else {}
             with self.timer(f"{name} model passes"):
-                found = predict(model.model, {k.name: inputs[k.name].to(model.device) for k in self.kinds(model)})
-            probabilities[name] = {kind: p.to(labels.device) for kind, p in found.items()}
+                found = known | predict(model.model, {k.name: inputs[k.name].to(model.device)
+                                                      for k in self.kinds(model) if k.name not in known})
+            probabilities[name] = {kind.name: found[kind.name].to(labels.device) for kind in self.kinds(model)}
             reference = None if model is primary else probabilities[primary.name][CLEAN.name].argmax(1)
             self.metrics[name].update(probabilities[name], labels, reference)
         if self.attacks is not None:

@@ -7,7 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_lightning.attacks import ThroughDefense, attack_chain, ensemble_member, fgsm, pgd, run_attack
+from cifar_lightning.attacks import (
+    ThroughDefense,
+    attack_chain,
+    ensemble_member,
+    fgsm,
+    fgsm_at_budgets,
+    pgd,
+    run_attack,
+)
 from cifar_lightning.data import load_cifar10
 from cifar_lightning.defenses import Defense, GaussianBlur, MedianFilter
 from cifar_lightning.evaluation import pgd_with_restarts, predicted_labels
@@ -69,6 +77,15 @@ def test_fgsm_stays_within_eps_and_the_pixel_range_and_raises_the_loss(model):
     assert adversarial.min() >= 0 and adversarial.max() <= 1
     assert not torch.equal(adversarial, images)
     assert _loss(model, adversarial, labels) > _loss(model, images, labels)
+
+
+def test_fgsm_at_several_budgets_from_one_gradient_is_torchattacks_fgsm_at_each(trained):
+    net, images, labels = trained
+    budgets = [0.03, 1 / 255, 16 / 255]
+    with torch.inference_mode():  # as under trainer.test
+        together = fgsm_at_budgets(net, images, labels, budgets)
+    for eps, adversarial in zip(budgets, together):
+        assert torch.equal(adversarial, run_attack(fgsm(net, eps), images, labels))
 
 
 @pytest.mark.parametrize("make", [lambda m: fgsm(m, 0.03), lambda m: pgd(m, 0.03, steps=3),
@@ -144,7 +161,7 @@ def test_attack_chain_runs_each_attack_on_the_images_still_standing():
             return torch.where(torch.isin(torch.arange(len(x)), torch.tensor(values)).view(-1, 1, 1, 1), 1.0, x)
         return attack
 
-    judge = lambda x: x.flatten().long()  # noqa: E731  predicts the pixel value
+    judge = lambda x: x.flatten().long()
     adversarial, robust = attack_chain({"a": flip([0]), "b": flip([0, 1])}, judge, images, labels)
     # Image 5 is wrong when clean; "a" fools image 0; "b" sees the 4 left and fools the first two of them.
     assert seen == [5, 4]
@@ -167,7 +184,7 @@ def test_strong_attacks_are_at_least_as_strong_as_weak_ones(trained):
     assert by_eps == sorted(by_eps, reverse=True)
     assert _accuracy(net, run_attack(pgd(net, 64 / 255, 10), images, labels), labels) <= 0.01
 
-    judge = lambda x: predicted_labels(net, x)  # noqa: E731
+    judge = lambda x: predicted_labels(net, x)
     members = {name: lambda x, y, name=name: run_attack(ensemble_member(name, net, eps), x, y)
                for name in ("apgd-ce", "apgd-t")}
     _, robust = attack_chain(members, judge, images[:32], labels[:32])  # APGD-T: 900 passes an image

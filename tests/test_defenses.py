@@ -59,6 +59,15 @@ def test_each_defense_equals_its_reference_library_bit_for_bit(defense, images):
     assert np.array_equal(out.mul(255).round().byte().permute(0, 2, 3, 1).numpy(), expected)
 
 
+def test_batched_tv_denoising_gives_scikit_images_pixels_on_clean_and_attacked_images():
+    """Each image stops on its own rule inside the batch: a batch of many, some stopping early."""
+    clean = _real_images(256)
+    signs = np.random.default_rng(0).choice([-8, 8], clean.shape)  # an FGSM-like ±8 grey levels
+    batch = np.concatenate([clean, np.clip(clean.astype(int) + signs, 0, 255).astype(np.uint8)])
+    expected = np.stack([REFERENCES["tv_w0.1"](image) for image in batch])
+    assert np.array_equal(TotalVariationDenoise(0.1).process_batch(batch), expected)
+
+
 def test_defenses_change_images():
     batch = _random_images()
     for defense in default_defenses():
