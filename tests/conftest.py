@@ -20,8 +20,12 @@ def fitted_run(cifar_slice, tmp_path_factory) -> Path:
 
 
 def small_subset(config: dict, **changes) -> None:
-    """The strong attacks on 64 of the slice's 256 test images, with 5 PGD steps; then ``changes``."""
-    callback_args(config, "RobustnessEvaluation").update({"subset": 64, "pgd_steps": 5} | changes)
+    """The strong attacks on 64 of the slice's 256 test images, with 5 PGD steps, one ε of the sweep
+    (2/255) and latency runs of 16 images (the numbers tests read take seconds, not minutes); then
+    ``changes``."""
+    callback_args(config, "RobustnessEvaluation").update({"subset": 64, "pgd_steps": 5, "eps_sweep": [2 / 255]}
+                                                         | changes)
+    callback_args(config, "QuantizationEvaluation")["latency_batch_size"] = 16
 
 
 @pytest.fixture(scope="session")

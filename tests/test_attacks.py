@@ -187,11 +187,12 @@ def test_strong_attacks_are_at_least_as_strong_as_weak_ones(trained):
     judge = lambda x: predicted_labels(net, x)
     members = {name: lambda x, y, name=name: run_attack(ensemble_member(name, net, eps), x, y)
                for name in ("apgd-ce", "apgd-t")}
-    _, robust = attack_chain(members, judge, images[:32], labels[:32])  # APGD-T: 900 passes an image
-    alone = {name: _accuracy(net, attack(images[:32], labels[:32]), labels[:32]) for name, attack in members.items()}
+    few = slice(0, 16)  # APGD-T: 900 passes an image
+    _, robust = attack_chain(members, judge, images[few], labels[few])
+    alone = {name: _accuracy(net, attack(images[few], labels[few]), labels[few]) for name, attack in members.items()}
     # In the chain a member attacks only the images still standing, so its random starts differ from
     # those of a run on all of them: the chain may lose an image a lone run wins (seen: 8 vs 7 of 64).
-    assert robust["apgd-t"].float().mean() <= min(alone.values()) + 2 / 32
+    assert robust["apgd-t"].float().mean() <= min(alone.values()) + 1 / 16
     restarts = pgd_with_restarts(net, eps, steps=5, restarts=3)
     assert _accuracy(net, restarts(images, labels), labels) <= accuracy["pgd3"] + 1 / 128
 

@@ -11,6 +11,7 @@ from cifar_lightning.evaluation import (
     AttackSuccessRate,
     AttackSuite,
     InputKind,
+    ModelUnderTest,
     RobustAccuracy,
     RobustnessMetrics,
     StageTimer,
@@ -19,6 +20,7 @@ from cifar_lightning.evaluation import (
     predict,
     stratified_subset,
 )
+from cifar_lightning.study import Study
 
 
 def test_attack_success_counts_only_images_that_were_right_when_clean():
@@ -118,3 +120,45 @@ def test_robust_accuracy_from_masks():
     results = metric.compute()
     assert results["acc"] == {"pgd": 0.25} and results["images"] == 4 and results["clean_acc"] == 0.75
     assert results["attack_success"]["pgd"] == pytest.approx(2 / 3)
+
+
+class _Counting(nn.Module):
+    """A small classifier that counts the images it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 10))
+        self.images = 0
+
+    def forward(self, x):
+        self.images += len(x)
+        return self.net(x)
+
+
+class _CountingJpeg(JpegCompression):
+    images = 0
+
+    def process_batch(self, images):
+        type(self).images += len(images)
+        return super().process_batch(images)
+
+
+@pytest.mark.parametrize("from_test_step", [True, False], ids=["clean logits given", "computed"])
+def test_the_study_passes_each_image_through_each_model_once(from_test_step):
+    """One gradient pass for FGSM at every budget, one evaluation pass per input kind (the clean one
+    taken from test_step when it has it), and each defense once per distinct image."""
+    torch.manual_seed(0)
+    model, defense = _Counting().eval(), _CountingJpeg(30)
+    study = Study(ModelUnderTest("fp32", model, torch.device("cpu")), latency_batch_size=2)
+    study.set_attacks(AttackSuite(0.03, [defense], eps_sweep=[2 / 255, 4 / 255]), strong=None)
+    images, labels = torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    study.begin(labels, batch_size=6, device=torch.device("cpu"))
+    model.images = _CountingJpeg.images = 0
+    with torch.inference_mode():
+        logits = model(images) if from_test_step else None
+        model.images = 0
+        study.update(images, labels, list(range(6)), logits)
+    kinds = study.kinds(study.primary)  # clean, 3 FGSM budgets, each of those 4 defended: 8
+    assert len(kinds) == 8
+    assert model.images == 6 * (1 + len(kinds) - from_test_step)  # one gradient pass, then each kind once
+    assert _CountingJpeg.images == 6 * 4  # the clean batch and each of the 3 FGSM batches

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cifar_lightning.module import ClassifierModule
+from tests.conftest import small_subset
 from tests.helpers import CLI, CONFIG, callback_args, quick_fit_args, run_cli, scalars, write_config
 
 EPOCH_STEPS = 576 // 64  # the slice's training images / batch size of quick_fit_args
@@ -112,9 +113,10 @@ def test_two_runs_with_the_same_seed_give_identical_metrics(cifar_slice, fitted_
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def test_a_second_test_run_never_overwrites_the_first(cifar_slice, fitted_run, tested_run, test_config):
+def test_a_second_test_run_never_overwrites_the_first(cifar_slice, fitted_run, tested_run, tmp_path):
     first = {p.name: p.stat().st_mtime_ns for p in tested_run.iterdir()}
-    run_cli("test", "--config", str(test_config), "--data.data_dir", str(cifar_slice), "--data.batch_size", "32",
+    config = write_config(tmp_path, lambda c: small_subset(c, strong_attacks=False))  # every file, in seconds
+    run_cli("test", "--config", str(config), "--data.data_dir", str(cifar_slice), "--data.batch_size", "32",
             "--ckpt_path", str(fitted_run / "checkpoints" / "best.ckpt"), "--trainer.limit_test_batches", "2",
             "--trainer.enable_progress_bar", "false", cwd=tested_run.parents[1])
     assert {p.name: p.stat().st_mtime_ns for p in tested_run.iterdir()} == first
