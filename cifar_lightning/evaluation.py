@@ -167,7 +167,7 @@ class AttackSuite:
         inputs = {CLEAN.name: images}
         with timer("fgsm"):
             attacked = fgsm_at_budgets(model, images, labels, [kind.eps for kind in self.attacked_kinds])
-        inputs |= {kind.name: images for kind, images in zip(self.attacked_kinds, attacked)}
+        inputs |= {kind.name: adversarial for kind, adversarial in zip(self.attacked_kinds, attacked)}
         for defense in self.defenses:
             with timer(f"defense {defense.name}"):
                 for kind in [CLEAN, *self.attacked_kinds]:

@@ -19,7 +19,8 @@ from torch.fx.experimental.optimization import fuse
 _TOLERANCE = 1e-3
 
 
-@torch.inference_mode(False)  # trainer.test runs its hooks in inference mode: the copy's weights must allow autograd
+# trainer.test runs its hooks in inference mode; the copy's weights must allow autograd (attacks).
+@torch.inference_mode(False)
 @torch.no_grad()
 def frozen_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with each BatchNorm folded into the convolution before it and
@@ -27,8 +28,9 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
     Input and output as ``model``'s. A network ``torch.fx`` cannot trace (data-dependent control
     flow, a TorchScript or ``torch.export`` program) or whose folded copy disagrees with it is not
-    folded: the result is a plain eval-mode copy (holding a TorchScript program: the model itself, as it cannot be copied
-    faithfully, and nothing in the study changes it), with a warning that says why.
+    folded: the result is a plain eval-mode copy, with a warning that says why. A model holding a
+    TorchScript program is returned itself: it cannot be copied faithfully, and the study never
+    changes a model.
     """
     if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
         return _unfolded(model.eval(), "a TorchScript program has no Python modules to rewrite")
@@ -40,7 +42,8 @@ def frozen_copy(model: nn.Module) -> nn.Module:
         folded = _frozen(fuse(copied)).to(memory_format=torch.channels_last)
         difference = (folded(probe) - copied(probe)).abs().max().item()
     except Exception as err:  # noqa: BLE001 — any failure to trace or run it means: run the network as it is
-        return _unfolded(copied, f"torch.fx could not trace or run its folded copy ({type(err).__name__}: {(str(err).splitlines() or [''])[0]})")
+        first_line = (str(err).splitlines() or [""])[0]
+        return _unfolded(copied, f"torch.fx could not trace or run its folded copy ({type(err).__name__}: {first_line})")
     if not difference <= _TOLERANCE:  # also NaN
         return _unfolded(copied, f"its folded copy's logits differ by {difference:.3g}")
     return folded
