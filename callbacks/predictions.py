@@ -9,7 +9,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from cifar_lightning.data import CLASSES
-from cifar_lightning.report import write_atomic
+from cifar_lightning.files import write_atomic
 
 
 class PredictionWriter(BasePredictionWriter):

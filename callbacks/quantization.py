@@ -7,6 +7,7 @@ import torch
 
 from callbacks.study import StudyCallback
 from cifar_lightning.data import load_cifar10
+from cifar_lightning.errors import ConfigError
 from cifar_lightning.evaluation import ModelUnderTest
 from cifar_lightning.quantization import (
     QuantizationError,
@@ -60,6 +61,12 @@ class QuantizationEvaluation(StudyCallback):
         calibration = None
         if self.static:
             images, _ = load_cifar10(data_dir, train=True)
+            # Before the first test batch: a run that calibrated on fewer images than its config says would mislead.
+            if self.calibration_images > len(images):
+                raise ConfigError(f"invalid configuration: QuantizationEvaluation: calibration_images="
+                                  f"{self.calibration_images} is more than the {len(images)} training images in "
+                                  f"{data_dir}. Fix: calibration_images of at most {len(images)}, e.g. "
+                                  f"{min(512, len(images))}.")
             calibration = images[: self.calibration_images].float() / 255
         model = study.primary.model
         with study.timer("quantization"):

@@ -56,8 +56,9 @@ class RobustnessEvaluation(StudyCallback):
         seed: int = 0,
     ) -> None:
         owner = "RobustnessEvaluation"
-        for name, value in [("eps", eps)] + [("eps_sweep", e) for e in eps_sweep]:
-            check_eps(owner, value, name)
+        check_eps(owner, eps)
+        for value in eps_sweep:
+            check_eps(owner, value, "eps_sweep", allow_zero=True)  # the sweep's 0 is the clean point, dropped below
         check_at_least_one(owner, pgd_steps=pgd_steps, pgd_restarts=pgd_restarts)
         if subset is not None:
             check_at_least_one(owner, subset=subset)

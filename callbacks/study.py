@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from cifar_lightning.dashboard import UNKNOWN_RECIPE, training_hparams, trial_name
 from cifar_lightning.evaluation import ModelUnderTest
+from cifar_lightning.journal import FOLDER, Journal
 from cifar_lightning.study import Gather, Study, publish
 
 
@@ -66,8 +67,9 @@ class StudyCallback(L.Callback):
         loader = trainer.test_dataloaders
         loader = loader[0] if isinstance(loader, list) else loader
         if not run.study.begun:
-            run.study.begin(loader.dataset.tensors[1], loader.batch_size, pl_module.device)
             run.indices = list(loader.sampler)
+            run.study.begin(loader.dataset.tensors[1], loader.batch_size, pl_module.device, self._journal(trainer),
+                            run.indices)
         images, labels = batch
         start = batch_idx * loader.batch_size
         # The module's test_step returns the logits of this very model (its frozen_net()).
@@ -91,22 +93,32 @@ class StudyCallback(L.Callback):
         study = run.study
         log_dir = Path(trainer.log_dir)  # a broadcast under DDP: every rank must ask for it
         masks = study.robust_masks(_gather(trainer))
+        if trainer.is_global_zero:
+            figures = study.figures()
+            study.write(log_dir, figures, masks)  # first: nothing after it can lose the numbers
+            if trainer.logger is not None:
+                weights = getattr(pl_module, "loaded_from", None) or trainer.ckpt_path
+                trial = trial_name(Path(weights).stem if weights else "untrained", study.eps or 0.0, datetime.now())
+                # test/acc and its flip average: the LightningModule's own.
+                publish(study, trainer.logger, trainer.global_step, figures, self._hparams(study, pl_module), trial,
+                        logged_elsewhere=("test/acc", "test/acc_flip_average"))
+        trainer.strategy.barrier()  # every rank's journal stays until rank 0 has written the results
+        study.journal.remove()
         if not trainer.is_global_zero:
             return
-        figures = study.figures()
-        if trainer.logger is not None:
-            weights = getattr(pl_module, "loaded_from", None) or trainer.ckpt_path
-            trial = trial_name(Path(weights).stem if weights else "untrained", study.eps or 0.0, datetime.now())
-            # test/acc and its flip average: the LightningModule's own.
-            publish(study, trainer.logger, trainer.global_step, figures, self._hparams(study, pl_module), trial,
-                    logged_elsewhere=("test/acc", "test/acc_flip_average"))
-        study.write(log_dir, figures, masks)
         print(f"\nRobustness results in {log_dir / 'results.md'}\n\n"
               + study.report.summary_frame().to_string(index=False, float_format="{:.4f}".format))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "test":
             _RUNS.pop(trainer, None)
+
+    @staticmethod
+    def _journal(trainer: L.Trainer) -> Journal:
+        """The study's journal, in the run folder (``journal.FOLDER``); none without a logger's run folder.
+        A SIGTERM stops the study before its next unit of work."""
+        folder = Path(trainer.log_dir) / FOLDER if trainer.logger is not None else None
+        return Journal(folder, stop_requested=lambda: trainer.received_sigterm)
 
     @staticmethod
     def _hparams(study: Study, pl_module: L.LightningModule) -> dict[str, object]:

@@ -53,7 +53,7 @@ class TrainingAttack:
 
     Args:
         method: one of ``none``, ``fgsm_rs``, ``n_fgsm``, ``pgd``.
-        eps: budget in [0, 1] pixel space (L∞); 8/255 is the common CIFAR-10 benchmark.
+        eps: budget in (0, 1] pixel space (L∞); 8/255 is the common CIFAR-10 benchmark.
         alpha: step size; None for the method's default above.
         steps: PGD's steps (other methods take one).
     """
@@ -61,7 +61,7 @@ class TrainingAttack:
     def __init__(self, method: str = "none", eps: float = 8 / 255, alpha: float | None = None, steps: int = 10) -> None:
         if method not in METHODS:
             raise ValueError(f"TrainingAttack: method={method!r} must be one of {', '.join(METHODS)}")
-        check_eps("TrainingAttack", eps)
+        check_eps("TrainingAttack", eps, allow_zero=method == "none")  # `none` does not use it
         check_at_least_one("TrainingAttack", steps=steps)
         if alpha is not None and not alpha > 0:  # also refuses NaN
             raise ValueError(f"TrainingAttack: alpha={alpha} must be > 0 (a step size in pixel scale), or null")

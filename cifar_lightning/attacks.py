@@ -22,9 +22,15 @@ ENSEMBLE_BUDGETS = {"apgd-ce": ("APGD-CE", 100, 1), "apgd-t": ("APGD-T (9 target
 ENSEMBLE_MEMBERS = tuple(ENSEMBLE_BUDGETS)
 
 
-def check_eps(owner: str, eps: float, name: str = "eps") -> None:
-    if not 0.0 <= eps <= 1.0:  # also refuses NaN
-        raise ValueError(f"{owner}: {name}={eps} must be in [0, 1] (pixel scale; 8/255 ≈ 0.031 is common for CIFAR-10)")
+def check_eps(owner: str, eps: float, name: str = "eps", allow_zero: bool = False) -> None:
+    """Refuse a budget outside (0, 1], or [0, 1] with ``allow_zero`` (an ε sweep, whose 0 is its clean point):
+    an attack of budget 0 would run and change no image."""
+    low_ok = eps >= 0.0 if allow_zero else eps > 0.0
+    if not (low_ok and eps <= 1.0):  # also refuses NaN
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        why = ": a budget of 0 attacks nothing" if eps == 0 else ""
+        raise ValueError(f"{owner}: {name}={eps} must be in {interval}{why} (pixel scale; 8/255 ≈ 0.031 is common "
+                         f"for CIFAR-10)")
 
 
 def check_at_least_one(owner: str, **values: int) -> None:
@@ -47,7 +53,7 @@ def fgsm_at_budgets(model: nn.Module, images: Tensor, labels: Tensor, budgets: S
     Args:
         model: a classifier of [0, 1] images (left as it was, as by :func:`run_attack`).
         images, labels: (N, 3, H, W) in [0, 1] and (N,).
-        budgets: the ε of each result, in [0, 1].
+        budgets: the ε of each result, in (0, 1].
 
     Returns:
         One (N, 3, H, W) batch of adversarial images per budget, in order.

@@ -182,10 +182,7 @@ class CIFAR10DataModule(L.LightningDataModule):
         if stage in ("fit", "validate") and self.train_set is None:
             images, labels = load_cifar10(self.hparams.data_dir, train=True)
             train_idx, val_idx = split_indices(len(labels), self.hparams.val_fraction, self.hparams.split_seed)
-            if len(val_idx) == 0:
-                raise CIFAR10DataError(f"CIFAR10DataModule: val_fraction={self.hparams.val_fraction} of the "
-                                       f"{len(labels)} training images in {self.hparams.data_dir} holds out no "
-                                       f"validation image. Fix: a larger --data.val_fraction, e.g. 0.1.")
+            self._check_split(len(train_idx), len(val_idx))
             self.train_set = TensorDataset(images[train_idx], labels[train_idx])
             self.val_set = TensorDataset(images[val_idx], labels[val_idx])
         if stage == "fit":
@@ -200,6 +197,25 @@ class CIFAR10DataModule(L.LightningDataModule):
                                        f"--data.batch_size of at most {images_per_process}.")
         if stage in ("test", "predict") and self.test_set is None:
             self.test_set = TensorDataset(*load_cifar10(self.hparams.data_dir, train=False))
+
+    def _check_split(self, n_train: int, n_val: int) -> None:
+        """Refuse a split of the training images that leaves no validation or no training image."""
+        data_dir, fraction, n = self.hparams.data_dir, self.hparams.val_fraction, n_train + n_val
+        if n < 2:
+            raise CIFAR10DataError(f"CIFAR10DataModule: {data_dir} holds {n} training image, and the train/validation "
+                                   f"split needs at least 2 (one to train on, one to validate on). Fix: point "
+                                   f"--data.data_dir at a folder with more training images, e.g. ../shared/cifar10.")
+        # A fraction that holds out one image or more and leaves one or more: 0.1, or for n <= 10 images
+        # 1/n rounded up to a percent.
+        suggestion = max(0.1, math.ceil(100 / n) / 100)
+        if n_val == 0:
+            raise CIFAR10DataError(f"CIFAR10DataModule: val_fraction={fraction} of the {n} training images in "
+                                   f"{data_dir} holds out no validation image. Fix: a larger --data.val_fraction, "
+                                   f"e.g. {suggestion}.")
+        if n_train == 0:
+            raise CIFAR10DataError(f"CIFAR10DataModule: val_fraction={fraction} of the {n} training images in "
+                                   f"{data_dir} holds out all of them, leaving none to train on. Fix: a smaller "
+                                   f"--data.val_fraction, e.g. {suggestion}.")
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True)

@@ -15,7 +15,7 @@ in the sweep, ``adaptive/<defense>``, and for models without gradients ``transfe
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -222,11 +222,14 @@ def _pgd_from(seed: int, model: nn.Module, eps: float, steps: int, images: Tenso
     return run_attack(pgd(model, eps, steps), images, labels, seed)
 
 
-def _timed(timer: StageTimer, stage: str, attack):
-    def timed(images: Tensor, labels: Tensor) -> Tensor:
-        with timer(stage):
-            return attack(images, labels)
-    return timed
+RunUnit = Callable[[str, str, Callable[[], Tensor]], Tensor]
+"""Runs one unit of work, ``(stage, name, compute) → compute()``: ``Study`` times it under ``stage``
+and journals it under ``name`` (``journal.Journal``), so a resumed study reads it back."""
+
+
+def as_unit(run_unit: RunUnit, stage: str, name: str, attack):
+    """``attack(images, labels)`` as one unit of work."""
+    return lambda images, labels: run_unit(stage, name, lambda: attack(images, labels))
 
 
 class StrongAttacks:
@@ -286,12 +289,12 @@ class StrongAttacks:
         return [transfer, whitebox] if surrogate else [transfer]
 
     def __call__(self, model: nn.Module, images: Tensor, labels: Tensor, standing: dict[str, Tensor],
-                 timer: StageTimer) -> tuple[dict[str, Tensor], Tensor]:
+                 run_unit: RunUnit) -> tuple[dict[str, Tensor], Tensor]:
         """Robust masks (N,) bool by input name, and the adversarial images at ``eps`` (each image's
         first success along the chain, else the last attempt).
 
         ``standing``: per-image correctness after FGSM from the per-batch study
-        (``AttackSuite.standing``).
+        (``AttackSuite.standing``). ``run_unit`` runs each attack member (named by its input kind).
         """
         masks, judge = {}, partial(predicted_labels, model)
         for eps in [self.eps, *self.eps_sweep]:
@@ -303,18 +306,18 @@ class StrongAttacks:
                 else:
                     attack = partial(lambda x, y, member, eps: run_attack(ensemble_member(member, model, eps, self.seed),
                                                                           x, y, self.seed), member=kind.attack, eps=eps)
-                attacks[kind.name] = _timed(timer, kind.attack, attack)
+                attacks[kind.name] = as_unit(run_unit, kind.attack, kind.name, attack)
             adversarial, robust = attack_chain(attacks, judge, images, labels, standing[fgsm_kind(eps, eps != self.eps).name])
             masks |= robust
             if eps == self.eps:
                 worst = adversarial
         for defense in self.defenses if self.adaptive else []:
             defended = ThroughDefense(model, defense)
-            defended_judge = lambda x, defense=defense: predicted_labels(model, defense(x))  # noqa: E731
+            defended_judge = lambda x, defense=defense: predicted_labels(model, defense(x))
             attack = pgd_with_restarts(defended, self.eps, self.pgd_steps, self.pgd_restarts, self.seed,
                                        judge=defended_judge)
             kind = self.adaptive_kind(defense)
-            _, robust = attack_chain({kind.name: _timed(timer, f"adaptive {defense.name}", attack)},
+            _, robust = attack_chain({kind.name: as_unit(run_unit, f"adaptive {defense.name}", kind.name, attack)},
                                      defended_judge, images, labels, standing[fgsm_kind(self.eps).defended(defense).name])
             masks |= robust
         return masks, worst
@@ -361,9 +364,9 @@ class RobustnessMetrics:
         self.agreement = MulticlassAccuracy(num_classes, average="micro").to(device)
         self.images = SumMetric().to(device)
 
-    def update(self, probabilities: dict[str, Tensor], target: Tensor, reference: Tensor | None = None) -> None:
-        """``reference``: another model's clean predictions, to count how often the two agree."""
-        preds = {name: p.argmax(dim=1) for name, p in probabilities.items()}
+    def update(self, preds: dict[str, Tensor], target: Tensor, reference: Tensor | None = None) -> None:
+        """Predicted labels (N,) by input kind; ``reference``: another model's clean predictions, to
+        count how often the two agree."""
         for name, metric in self.accuracy.items():
             metric.update(preds[name], target)
         for name, metric in self.success.items():

@@ -95,6 +95,8 @@ class ClassifierModule(L.LightningModule):
             ("schedule", schedule, schedule in ("plateau", "onecycle"), "'plateau' or 'onecycle'"),
             ("warmup_fraction", warmup_fraction, 0.0 < warmup_fraction < 1.0, "in (0, 1), e.g. 0.25"),
             ("val_attack_images", val_attack_images, val_attack_images >= 0, ">= 0, e.g. 1000 (0: off)"),
+            ("adversarial_eps", adversarial_eps, val_attack_images == 0 or adversarial_eps != 0,
+             "> 0 with val_attack_images > 0 (validation attacks of budget 0 attack nothing), e.g. 0.031 (8/255)"),
             ("num_classes", num_classes, num_classes == len(CLASSES), f"{len(CLASSES)}, the classes of CIFAR-10"),
         ]:
             if not valid:

@@ -1,7 +1,6 @@
 """The test run's report: tables (pandas), figures (matplotlib), atomic files, TensorBoard."""
 
 import io
-import os
 from operator import attrgetter
 from pathlib import Path
 
@@ -9,15 +8,16 @@ import matplotlib
 
 matplotlib.use("Agg")  # files and TensorBoard only; never a window
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import PercentFormatter  # noqa: E402
-from torch import Tensor  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import PercentFormatter
+from torch import Tensor
 
-from cifar_lightning.dashboard import HEADLINE, eps_label  # noqa: E402
-from cifar_lightning.data import CLASSES  # noqa: E402
-from cifar_lightning.evaluation import CLEAN, InputKind  # noqa: E402
+from cifar_lightning.dashboard import HEADLINE, eps_label
+from cifar_lightning.data import CLASSES
+from cifar_lightning.evaluation import CLEAN, InputKind
+from cifar_lightning.files import write_atomic
 
 # What each kind of row means, said only when the run has such rows: threat → sentence.
 THREAT_NOTES = {
@@ -40,13 +40,6 @@ def _cell(value: object) -> str:
     if isinstance(value, float):
         return "" if value != value else f"{value:.4f}"
     return str(value)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file and a rename, so a crash never leaves half a file behind."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 def figure_png(figure: plt.Figure) -> bytes:

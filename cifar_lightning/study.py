@@ -12,7 +12,9 @@ model), then ``figures``, ``robust_masks``, ``write`` (rank 0) and :func:`publis
 """
 
 import copy
-from collections.abc import Callable, Iterable
+import hashlib
+import io
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -35,14 +37,17 @@ from cifar_lightning.evaluation import (
     ModelUnderTest,
     RobustAccuracy,
     RobustnessMetrics,
+    RunUnit,
     StageTimer,
     StrongAttacks,
+    as_unit,
     fgsm_kind,
     pgd_with_restarts,
     predict,
     predicted_labels,
     stratified_subset,
 )
+from cifar_lightning.journal import Journal
 from cifar_lightning.quantization import cpu_latency, state_dict_megabytes
 from cifar_lightning.report import Report, accuracy_bars, eps_curve, prediction_figure, sample_grid
 
@@ -115,9 +120,15 @@ class Study:
 
     # Per batch.
 
-    def begin(self, labels: Tensor, batch_size: int, device: torch.device) -> None:
+    def begin(self, labels: Tensor, batch_size: int, device: torch.device, journal: Journal | None = None,
+              order: Sequence[int] | None = None) -> None:
         """Before the first batch: ``labels`` of the whole test set (N,); the strong attacks run on the
-        subset in batches of ``batch_size``; metrics live on ``device`` (synced from there)."""
+        subset in batches of ``batch_size``; metrics live on ``device`` (synced from there).
+
+        ``journal``: where each finished unit of work is kept (a test batch, an attack member on a
+        batch of the subset), and read back from when it holds this study's; by default nowhere.
+        ``order``: this process's test indices in the order its batches come (default: all, in order),
+        part of what makes the journal this study's."""
         if isinstance(self.sample, int) and not 0 <= self.sample < len(labels):
             raise ConfigError(f"invalid configuration: RobustnessEvaluation: sample={self.sample} is not an index of "
                               f"the test set (0 to {len(labels) - 1}). Fix: pass an index in that range or a class "
@@ -132,7 +143,24 @@ class Study:
         self.samples: dict[int, dict] = {}  # test index → images and each model's predictions
         for model in self.models.values():
             self._measure(model)
+        self.journal = journal or Journal()
+        self.journal.open(self._fingerprint(labels, range(len(labels)) if order is None else order))
         self.begun = True
+
+    def _fingerprint(self, labels: Tensor, order: Sequence[int]) -> str:
+        """What this study's numbers depend on, as a digest: every model (its layers and weights), the
+        test labels in this process's order, the batches, the attacks, defenses and subset."""
+        digest = hashlib.sha256()
+        for model in self.models.values():
+            for module in (model.model, model.surrogate):
+                buffer = io.BytesIO()
+                torch.save(module.state_dict() if module is not None else None, buffer)
+                digest.update(f"{model.name} {model.gradients} {model.sweep} {module!r}".encode() + buffer.getvalue())
+        defenses = [(type(d).__qualname__, sorted(vars(d).items())) for d in (self.attacks.defenses if self.attacks else [])]
+        strong = vars(self.strong) | {"defenses": None} if self.strong is not None else None
+        digest.update(repr((labels.tolist(), list(order), self.batch_size, [self.kinds(m) for m in self.models.values()],
+                            defenses, strong, sorted(self.subset_indices), self.sample)).encode())
+        return digest.hexdigest()
 
     def _measure(self, model: ModelUnderTest) -> None:
         """Size and CPU latency of ``model`` for the summary."""
@@ -147,61 +175,72 @@ class Study:
         """One test batch: [0, 1] ``images`` (N, 3, H, W), ``labels`` (N,) and their test-set ``indices``;
         ``clean_logits``: the first model's logits (N, classes) of ``images`` when the caller has them
         already (``ClassifierModule.test_step``), so that no image goes through a model twice."""
-        primary = self.primary
-        inputs = self.attacks(primary.model, images, labels, self.timer) if self.attacks else {CLEAN.name: images}
+        record, _ = self.journal.unit(f"batch{indices[0]}", partial(self._batch, images, labels, indices, clean_logits))
+        for stage, seconds in record["seconds"].items():
+            self.timer.seconds[stage] += seconds
+        primary = record["preds"][self.primary.name]
+        for name, preds in record["preds"].items():
+            self.metrics[name].update(preds, labels, None if name == self.primary.name else primary[CLEAN.name])
+        self.samples |= record["samples"]
+        for key, part in record["subset"].items():
+            self.subset[key].append(part)
+        for name, part in record["standing"].items():
+            self.subset["standing"][name].append(part)
+
+    def _batch(self, images: Tensor, labels: Tensor, indices: list[int], clean_logits: Tensor | None) -> dict:
+        """What the study makes of a batch: each model's predicted labels by input kind, the figures'
+        new samples, the batch's images of the subset and where each model's chains start there, and the
+        seconds of each stage."""
+        primary, timer = self.primary, StageTimer()
+        inputs = self.attacks(primary.model, images, labels, timer) if self.attacks else {CLEAN.name: images}
         probabilities = {}
         for name, model in self.models.items():
             known = {CLEAN.name: clean_logits.softmax(dim=1)} if model is primary and clean_logits is not None else {}
-            with self.timer(f"{name} model passes"):
+            with timer(f"{name} model passes"):
                 found = known | predict(model.model, {k.name: inputs[k.name].to(model.device)
                                                       for k in self.kinds(model) if k.name not in known})
             probabilities[name] = {kind.name: found[kind.name].to(labels.device) for kind in self.kinds(model)}
-            reference = None if model is primary else probabilities[primary.name][CLEAN.name].argmax(1)
-            self.metrics[name].update(probabilities[name], labels, reference)
-        if self.attacks is not None:
-            self._keep_samples(indices, labels, inputs, probabilities)
-        if self.strong is not None:
-            self._keep_subset(indices, images, labels, probabilities)
-
-    def _keep_subset(self, indices: list[int], images: Tensor, labels: Tensor,
-                     probabilities: dict[str, dict[str, Tensor]]) -> None:
-        """The batch's images of the strong attacks' subset, with where each model's chains start."""
         positions = torch.tensor([p for p, index in enumerate(indices) if index in self.subset_indices],
                                  dtype=torch.long, device=labels.device)
-        self.subset["index"].append(torch.tensor(indices)[positions.cpu()])
-        self.subset["images"].append(images[positions])
-        self.subset["labels"].append(labels[positions])
-        for name, found in probabilities.items():
-            standing = self.attacks.standing(found, labels)
-            self.subset["standing"][name].append({kind: right[positions] for kind, right in standing.items()})
+        return {
+            "preds": {name: {kind: p.argmax(dim=1) for kind, p in found.items()} for name, found in probabilities.items()},
+            "samples": self._new_samples(indices, labels, inputs, probabilities) if self.attacks is not None else {},
+            "subset": {"index": torch.tensor(indices)[positions.cpu()], "images": images[positions],
+                       "labels": labels[positions]} if self.strong is not None else {},
+            "standing": {name: {kind: right[positions] for kind, right in self.attacks.standing(found, labels).items()}
+                         for name, found in probabilities.items()} if self.strong is not None else {},
+            "seconds": dict(timer.seconds),
+        }
 
     @property
     def figure_kinds(self) -> list[InputKind]:
         main = fgsm_kind(self.attacks.eps)
         return [CLEAN, main] + [main.defended(d) for d in self.attacks.defenses]
 
-    def _keep_samples(self, indices: list[int], labels: Tensor, inputs: dict[str, Tensor],
-                      probabilities: dict[str, dict[str, Tensor]]) -> None:
-        """Keep the figure candidates: per class the first image the first model gets right and FGSM
+    def _new_samples(self, indices: list[int], labels: Tensor, inputs: dict[str, Tensor],
+                     probabilities: dict[str, dict[str, Tensor]]) -> dict[int, dict]:
+        """The batch's figure candidates: per class the first image the first model gets right and FGSM
         flips, the requested index, and the first image of the requested class (the figure's fallback
         when none of that class is flipped). Shards are in index order, so the first seen is the first."""
         primary = probabilities[self.primary.name]
         preds = {kind: primary[kind].argmax(1) for kind in (CLEAN.name, "fgsm")}
         flipped = (preds[CLEAN.name] == labels) & (preds["fgsm"] != labels)
         shown = [kind.name for kind in self.figure_kinds]
+        samples = {}
         for position, index in enumerate(indices):
             label = int(labels[position])
-            kept = [s for s in self.samples.values() if s["label"] == label]
+            kept = [s for s in [*self.samples.values(), *samples.values()] if s["label"] == label]
             first_flipped = bool(flipped[position]) and not any(s["flipped"] for s in kept)
             first_of_class = CLASSES[label] == self.sample and not kept
             if first_flipped or first_of_class or index == self.sample:
-                self.samples[index] = {
+                samples[index] = {
                     "label": label,
                     "flipped": bool(flipped[position]),
                     "images": {kind: inputs[kind][position].cpu() for kind in shown},
                     "probabilities": {model: {kind: found[kind][position].cpu() for kind in shown}
                                       for model, found in probabilities.items()},
                 }
+        return samples
 
     # At the end.
 
@@ -223,6 +262,9 @@ class Study:
                 self._strong_attacks(model, progress)
         self.samples = dict(sorted({index: sample for part in gather(self.samples)
                                     for index, sample in part.items()}.items()))
+        if self.journal.replayed:
+            self.note(f"resumed: {self.journal.replayed} finished units of work (test batches, attack members) of "
+                      f"the interrupted run were read back from its journal")
 
     def _subset_batches(self, description: str, progress: bool) -> Iterable[slice]:
         """Slices of the subset, one test batch each (random starts are drawn per batch)."""
@@ -242,12 +284,15 @@ class Study:
             images = self.subset["images"][part].to(model.device)
             labels = self.subset["labels"][part].to(model.device)
             standing = {kind: right[part].to(model.device) for kind, right in self.subset["standing"][model.name].items()}
+            # Journal keys of this part's attack members: the part's first test index names it on every rank.
+            units = f"{model.name}/subset{int(self.subset['index'][part][0])}"
+            run_unit = lambda stage, name, compute, units=units: self._unit(stage, f"{units}/{name}", compute)
             if model.gradients:
-                robust, worst = self.strong(model.model, images, labels, standing, self.timer)
+                robust, worst = self.strong(model.model, images, labels, standing, run_unit)
                 robust[CLEAN.name] = standing[CLEAN.name]
                 adversarial.append(worst)
             else:
-                robust = self._without_gradients(model, images, labels, standing["fgsm"], part, agreement)
+                robust = self._without_gradients(model, images, labels, standing["fgsm"], part, agreement, run_unit)
             metrics.update({kind: mask.to(self.device) for kind, mask in robust.items()})
             masks.append(robust)
         if model is self.primary:
@@ -261,8 +306,14 @@ class Study:
         if model is self.primary:
             self.accuracy |= results["acc"] | {"clean (subset)": results["clean_acc"]}
 
+    def _unit(self, stage: str, key: str, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()``, timed under ``stage`` and journaled under ``key``."""
+        value, seconds = self.journal.unit(key, compute)
+        self.timer.seconds[stage] += seconds
+        return value
+
     def _without_gradients(self, model: ModelUnderTest, images: Tensor, labels: Tensor, standing: Tensor,
-                           part: slice, agreement: MulticlassAccuracy) -> dict[str, Tensor]:
+                           part: slice, agreement: MulticlassAccuracy, run_unit: RunUnit) -> dict[str, Tensor]:
         """Robust masks of a model without gradients on a part of the subset: under the first model's
         worst-case images, and under PGD on its surrogate (``agreement``: surrogate vs model, clean)."""
         judge, strong = partial(predicted_labels, model.model), self.strong
@@ -272,11 +323,11 @@ class Study:
             worst = self.subset["adversarial"][part].to(model.device)
             robust[transfer.name] = standing & (judge(worst) == labels)
         if whitebox:
-            with self.timer(f"{model.name} white-box"):
-                attack = pgd_with_restarts(model.surrogate, strong.eps, strong.pgd_steps, strong.pgd_restarts,
-                                           strong.seed, judge=judge)
-                robust[whitebox[0].name] = attack_chain({whitebox[0].name: attack}, judge, images, labels,
-                                                        standing)[1][whitebox[0].name]
+            attack = pgd_with_restarts(model.surrogate, strong.eps, strong.pgd_steps, strong.pgd_restarts,
+                                       strong.seed, judge=judge)
+            name = whitebox[0].name
+            robust[name] = attack_chain({name: as_unit(run_unit, f"{model.name} white-box", name, attack)}, judge,
+                                        images, labels, standing)[1][name]
             agreement.update(predicted_labels(model.surrogate, images).to(self.device), judge(images).to(self.device))
         return robust
 

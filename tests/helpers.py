@@ -1,12 +1,15 @@
 """Helpers shared by the tests: data slices, the entry point, TensorBoard event files."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = Path(os.environ.get("CIFAR10_DIR", Path(__file__).resolve().parents[2] / "shared" / "cifar10"))
 CLI = [str(Path(sys.executable).with_name("cifar-lightning"))]
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -91,3 +94,30 @@ def scalars(log_dir: Path) -> dict[str, list[float]]:
     events = EventAccumulator(str(log_dir))
     events.Reload()
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+class SignalAt(L.Callback):
+    """Sends ``signal_name`` (SIGKILL, SIGTERM) to its own process once training reaches global step
+    ``step`` (fit), test batch ``test_batch`` has ended, or the test epoch ends (``test_epoch_end``: listed
+    first, before the strong attacks run): a kill at an exact moment. Listed last in a config, it runs
+    after every other callback's hook. The entry point finds it with ``env=TESTS_IMPORTABLE``."""
+
+    def __init__(self, signal_name: str, step: int | None = None, test_batch: int | None = None,
+                 test_epoch_end: bool = False) -> None:
+        self.signal, self.step, self.test_batch = getattr(signal, signal_name), step, test_batch
+        self.test_epoch_end = test_epoch_end
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        if self.test_epoch_end:
+            os.kill(os.getpid(), self.signal)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signal)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == self.test_batch:
+            os.kill(os.getpid(), self.signal)
+
+
+TESTS_IMPORTABLE = {"PYTHONPATH": str(REPO)}  # the entry point can then load tests.helpers.SignalAt

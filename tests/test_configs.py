@@ -15,8 +15,8 @@ def test_default_config_holds_the_seed_recipe(tmp_path):
     assert config["model"]["network"]["class_path"] == "cifar_lightning.models.ImprovedCNN"
     assert callback_args(config, "EarlyStopping")["monitor"] == "val/loss"
     best = callback_args(config, "ModelCheckpoint", monitor="val/acc")
-    assert best["filename"] == "best" and best["mode"] == "max" and best["save_last"]
-    assert callback_args(config, "ModelCheckpoint", save_top_k=0)["every_n_train_steps"] > 0  # last.ckpt mid-epoch
+    assert best["filename"] == "best" and best["mode"] == "max"
+    assert callback_args(config, "LastCheckpoint")["every_n_train_steps"] > 0  # last.ckpt mid-epoch too
     assert callback_args(config, "LearningRateMonitor")
     assert callback_args(config, "RobustnessEvaluation")["eps"] == 0.03
     assert callback_args(config, "QuantizationEvaluation")

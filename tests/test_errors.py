@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_lightning.data import CIFAR10DataError, load_cifar10
+from callbacks.robustness import RobustnessEvaluation
+from cifar_lightning.data import CIFAR10DataError, CIFAR10DataModule, load_cifar10
 from cifar_lightning.module import ClassifierModule
+from cifar_lightning.quantization import quantize_dynamic_linear, quantize_static
 from tests.helpers import (
     CLI,
     CONFIG,
@@ -34,14 +36,19 @@ def _in_tmp_path(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("callback", "field", "value", "message"),
     [
-        ("RobustnessEvaluation", "eps", -0.1, "RobustnessEvaluation: eps=-0.1 must be in [0, 1]"),
-        ("RobustnessEvaluation", "eps", 1.5, "RobustnessEvaluation: eps=1.5 must be in [0, 1]"),
+        ("RobustnessEvaluation", "eps", -0.1, "RobustnessEvaluation: eps=-0.1 must be in (0, 1] (pixel scale"),
+        ("RobustnessEvaluation", "eps", 1.5, "RobustnessEvaluation: eps=1.5 must be in (0, 1] (pixel scale"),
+        # an FGSM of budget 0 would run and change no image
+        ("RobustnessEvaluation", "eps", 0, "RobustnessEvaluation: eps=0.0 must be in (0, 1]: a budget of 0 attacks "
+                                           "nothing (pixel scale"),
+        ("RobustnessEvaluation", "eps_sweep", [2 / 255, -0.1], "RobustnessEvaluation: eps_sweep=-0.1 must be in [0, 1] "
+                                                              "(pixel scale"),
         ("GaussianBlur", "kernel_size", 4, "GaussianBlur: kernel_size=4 must be an odd integer >= 3"),
         ("MedianFilter", "kernel_size", 1, "MedianFilter: kernel_size=1 must be an odd integer >= 3"),
         ("JpegCompression", "quality", 0, "JpegCompression: quality=0 must be an integer in 1..95"),
         ("JpegCompression", "quality", 100, "JpegCompression: quality=100 must be an integer in 1..95"),
         ("TotalVariationDenoise", "weight", 0.0, "TotalVariationDenoise: weight=0.0 must be a finite number > 0"),
-        ("RobustnessEvaluation", "eps", float("nan"), "RobustnessEvaluation: eps=nan must be in [0, 1]"),  # `.nan`
+        ("RobustnessEvaluation", "eps", float("nan"), "RobustnessEvaluation: eps=nan must be in (0, 1]"),  # `.nan`
         # `nan` is text to YAML: the parser refuses it, in one line too
         ("RobustnessEvaluation", "eps", "nan", "trainer.callbacks: callbacks.robustness.RobustnessEvaluation: eps: "
                                                "Expected a <class 'float'>. Got value: nan"),
@@ -73,6 +80,29 @@ def test_out_of_range_callback_values_are_refused_naming_the_field(capsys, tmp_p
 def test_out_of_range_model_and_data_values_are_refused_naming_the_field(capsys, tmp_path, flag, value, message):
     line = cli_error(capsys, "fit", "--config", str(CONFIG), "--data.data_dir", str(tmp_path), f"{flag}={value}")
     assert line.startswith(f"cifar-lightning: error: invalid configuration: {message}")
+
+
+def test_the_eps_sweeps_0_is_its_clean_point_and_dropped():
+    evaluation = RobustnessEvaluation(eps=0.03, eps_sweep=[0.0, 2 / 255, 0.03])
+    assert evaluation.suite.eps_sweep == [2 / 255]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model.adversarial", "fgsm_rs", "--model.adversarial_eps", "0"],
+         "TrainingAttack: eps=0.0 must be in (0, 1]: a budget of 0 attacks nothing (pixel scale"),
+        (["--model.adversarial", "pgd", "--model.adversarial_eps", "-0.1"],
+         "TrainingAttack: eps=-0.1 must be in (0, 1]"),
+        (["--model.val_attack_images", "64", "--model.adversarial_eps", "0"],
+         "ClassifierModule: adversarial_eps=0.0 must be > 0 with val_attack_images > 0 (validation attacks of budget 0 "
+         "attack nothing), e.g. 0.031 (8/255)"),
+    ],
+)
+def test_an_adversarial_budget_of_0_is_refused_where_it_would_attack(capsys, tmp_path, args, message):
+    line = cli_error(capsys, "fit", "--config", str(CONFIG), "--data.data_dir", str(tmp_path), *args)
+    assert line.startswith(f"cifar-lightning: error: invalid configuration: {message}")
+    assert ClassifierModule(adversarial_eps=0.0).training_attack.method == "none"  # nothing attacks: allowed
 
 
 def _test_with_checkpoint(capsys, data_dir, checkpoint) -> str:
@@ -226,6 +256,73 @@ def test_a_folder_with_train_npz_but_no_test_npz_says_so(tmp_path):
     np.savez(tmp_path / "train.npz", images=IMAGES, labels=np.arange(4))
     with pytest.raises(CIFAR10DataError, match=f"data folder {tmp_path} has train.npz but no test.npz"):
         load_cifar10(tmp_path, train=False)
+
+
+def test_a_single_training_image_is_too_few_for_any_split(capsys, tmp_path):
+    data = write_slice(tmp_path / "one", n_train=1, n_test=1)
+    line = cli_error(capsys, "fit", "--config", str(CONFIG), "--data.data_dir", str(data))
+    assert line == (f"cifar-lightning: error: CIFAR10DataModule: {data} holds 1 training image, and the "
+                    f"train/validation split needs at least 2 (one to train on, one to validate on). Fix: point "
+                    f"--data.data_dir at a folder with more training images, e.g. ../shared/cifar10.")
+
+
+@pytest.mark.parametrize(
+    ("n_train", "val_fraction", "message"),
+    [
+        (5, 0.1, "holds out no validation image. Fix: a larger --data.val_fraction, e.g. 0.2."),
+        (3, 0.1, "holds out no validation image. Fix: a larger --data.val_fraction, e.g. 0.34."),
+        (2, 0.2, "holds out no validation image. Fix: a larger --data.val_fraction, e.g. 0.5."),
+        (10, 0.96, "holds out all of them, leaving none to train on. Fix: a smaller --data.val_fraction, e.g. 0.1."),
+    ],
+)
+def test_a_split_without_validation_or_training_images_suggests_a_fraction_that_works(capsys, tmp_path, n_train,
+                                                                                        val_fraction, message):
+    data = write_slice(tmp_path / "few", n_train=n_train, n_test=1)
+    line = cli_error(capsys, "fit", "--config", str(CONFIG), "--data.data_dir", str(data),
+                     "--data.val_fraction", str(val_fraction))
+    assert line == (f"cifar-lightning: error: CIFAR10DataModule: val_fraction={val_fraction} of the {n_train} "
+                    f"training images in {data} {message}")
+    suggested = CIFAR10DataModule(str(data), batch_size=1, val_fraction=float(message.rpartition(" ")[2][:-1]))
+    suggested.setup("fit")
+    assert len(suggested.train_set) >= 1 and len(suggested.val_set) >= 1
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+@pytest.mark.parametrize(("precision", "dtype"), [("16-true", "float16"), ("bf16-true", "bfloat16"),
+                                                  ("transformer-engine", "bfloat16")])
+def test_a_precision_that_holds_the_network_in_16_bits_is_refused(capsys, tmp_path, subcommand, precision, dtype):
+    checkpoint = [] if subcommand == "fit" else ["--ckpt_path", str(WEIGHTS)]
+    line = cli_error(capsys, subcommand, "--config", str(CONFIG), "--data.data_dir", str(tmp_path), *checkpoint,
+                     "--trainer.precision", precision)
+    assert line == (f"cifar-lightning: error: invalid configuration: Trainer: precision={precision} holds the "
+                    f"network's weights in {dtype}, which this project cannot run: its images, attacks, defenses and "
+                    f"int8 copies are float32. Fix: 32-true, or 16-mixed (AMP) on CUDA; bf16-mixed and 64-true work "
+                    f"too.")
+
+
+def test_a_network_tested_at_64_true_gets_its_int8_copies_from_float32():
+    network = ClassifierModule().net.double().eval()
+    images = torch.rand(8, 3, 32, 32)
+    for copy in (quantize_dynamic_linear(network), quantize_static(network, images)):
+        assert copy(images).shape == (8, 10)
+    assert next(network.parameters()).dtype == torch.float64  # the tested network is left as it was
+
+
+def test_more_calibration_images_than_training_images_are_refused_before_any_test_batch(capsys, cifar_slice,
+                                                                                        tmp_path, monkeypatch):
+    def edit(config):
+        callback_args(config, "RobustnessEvaluation").update(strong_attacks=False, eps_sweep=[])
+        callback_args(config, "QuantizationEvaluation")["calibration_images"] = 100000
+
+    def no_test_batch(*args):
+        raise AssertionError("a test batch ran")
+
+    monkeypatch.setattr(ClassifierModule, "test_step", no_test_batch)
+    line = cli_error(capsys, "test", "--config", str(write_config(tmp_path, edit)), "--data.data_dir",
+                     str(cifar_slice), "--ckpt_path", str(WEIGHTS), "--trainer.enable_progress_bar", "false")
+    assert line == (f"cifar-lightning: error: invalid configuration: QuantizationEvaluation: calibration_images=100000 "
+                    f"is more than the 640 training images in {cifar_slice}. Fix: calibration_images of at most 640, "
+                    f"e.g. 512.")
 
 
 def test_a_run_shows_no_lightning_advert_or_deprecation_warning(cifar_slice, tmp_path):

@@ -50,8 +50,8 @@ def test_metrics_on_known_predictions():
     metrics = RobustnessMetrics(kinds, torch.device("cpu"))
     target = torch.tensor([0, 1, 2, 3])
     metrics.update(
-        {"clean": _one_hot([0, 1, 2, 0]), "fgsm": _one_hot([5, 5, 2, 0]),
-         "fgsm/jpeg_q30": _one_hot([0, 5, 2, 3]), "clean/jpeg_q30": _one_hot([0, 1, 2, 3])},
+        {"clean": torch.tensor([0, 1, 2, 0]), "fgsm": torch.tensor([5, 5, 2, 0]),
+         "fgsm/jpeg_q30": torch.tensor([0, 5, 2, 3]), "clean/jpeg_q30": torch.tensor([0, 1, 2, 3])},
         target, reference=torch.tensor([0, 1, 9, 9]),
     )
     results = metrics.compute()

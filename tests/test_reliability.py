@@ -2,16 +2,27 @@
 
 Bad input is in test_errors.py."""
 
+import os
 import signal
+import shutil
 import subprocess
-import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from cifar_lightning.module import ClassifierModule
 from tests.conftest import small_subset
-from tests.helpers import CLI, CONFIG, callback_args, quick_fit_args, run_cli, scalars, write_config
+from tests.helpers import (
+    CLI,
+    CONFIG,
+    TESTS_IMPORTABLE,
+    callback_args,
+    quick_fit_args,
+    run_cli,
+    scalars,
+    write_config,
+)
 
 EPOCH_STEPS = 576 // 64  # the slice's training images / batch size of quick_fit_args
 
@@ -25,26 +36,38 @@ def _adamw_steps(checkpoint: dict) -> set[int]:
     return {int(s["step"]) for s in checkpoint["optimizer_states"][0]["state"].values()}
 
 
+def _run_with_signal(args: list[str], cwd: Path, edit, signal_name: str, first: bool = False,
+                     **at) -> subprocess.CompletedProcess:
+    """The command of ``args`` with the config of ``edit`` (the same config it gives) plus
+    ``tests.helpers.SignalAt`` (last, or ``first`` among the callbacks), which sends ``signal_name``
+    to the run at the moment ``at``."""
+    def edit_and_signal(config: dict) -> None:
+        edit(config)
+        signaller = {"class_path": "tests.helpers.SignalAt", "init_args": {"signal_name": signal_name, **at}}
+        config["trainer"]["callbacks"].insert(0 if first else len(config["trainer"]["callbacks"]), signaller)
+
+    (cwd / "signalled").mkdir(exist_ok=True)
+    config = write_config(cwd / "signalled", edit_and_signal)
+    args = [str(config) if arg == args[args.index("--config") + 1] else arg for arg in args]
+    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env=os.environ | TESTS_IMPORTABLE)
+
+
 def test_a_run_killed_mid_epoch_resumes_where_it_stopped(cifar_slice, tmp_path):
-    config = write_config(tmp_path, lambda c: callback_args(c, "ModelCheckpoint", save_top_k=0).update(
-        every_n_train_steps=4))
+    # Killed at step 14 of 27, in the second epoch, two steps after last.ckpt was written (every 4 steps).
+    def every_4_steps(config: dict) -> None:
+        callback_args(config, "LastCheckpoint").update(every_n_train_steps=4)
+
+    config = write_config(tmp_path, every_4_steps)
     args = quick_fit_args(cifar_slice, "--trainer.max_epochs", "3", config=config)
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-
-    run = subprocess.Popen([*CLI, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, killed_at = time.monotonic() + 240, None
-    while killed_at is None and run.poll() is None and time.monotonic() < deadline:
-        if last.is_file() and (step := torch.load(last, weights_only=True)["global_step"]) > EPOCH_STEPS:
-            run.send_signal(signal.SIGKILL)
-            killed_at = step
-        time.sleep(0.1)
-    run.wait(timeout=30)
-    assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed in its second epoch"
+    run = _run_with_signal(args, tmp_path, every_4_steps, "SIGKILL", step=14)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
 
     # The checkpoint it resumes from, as the kill left it, with markers in the early-stopping and
     # scheduler states: a best validation loss no real epoch reaches.
     checkpoint = torch.load(last, weights_only=True)
-    assert checkpoint["global_step"] >= killed_at and checkpoint["global_step"] % EPOCH_STEPS, "not mid-epoch"
+    assert checkpoint["global_step"] == 12
     assert checkpoint["lr_schedulers"][0]["last_epoch"] == 1
     _callback_state(checkpoint, "EarlyStopping")["best_score"] = torch.tensor(1e-3)
     checkpoint["lr_schedulers"][0]["best"] = 1e-3
@@ -122,3 +145,66 @@ def test_a_second_test_run_never_overwrites_the_first(cifar_slice, fitted_run, t
     assert {p.name: p.stat().st_mtime_ns for p in tested_run.iterdir()} == first
     assert (tested_run.parent / "version_1" / "results.md").is_file()
     assert not list(tested_run.parent.rglob("*.tmp"))  # atomic writes leave no temporary files behind
+
+
+def test_sigterm_stops_fit_at_the_current_step_and_says_how_to_resume(cifar_slice, tmp_path):
+    args = quick_fit_args(cifar_slice, "--trainer.max_epochs", "2")
+    run = _run_with_signal(args, tmp_path, lambda config: None, "SIGTERM", step=11)
+    assert run.returncode == 128 + signal.SIGTERM, run.stderr[-3000:]
+    [line] = [line for line in run.stderr.splitlines() if line.startswith("cifar-lightning: stopped")]
+    last = Path("lightning_logs/version_0/checkpoints/last.ckpt")
+    assert line.startswith(f"cifar-lightning: stopped by SIGTERM at epoch 1, step 11; {last} holds it. Resume: "
+                           f"cifar-lightning fit --config ")
+    assert line.endswith(" --ckpt_path last")
+    assert torch.load(tmp_path / last, weights_only=True)["global_step"] == 11  # not the 9 of the epoch's end
+
+    run_cli(*args, "--ckpt_path", "last", cwd=tmp_path)
+    assert torch.load(tmp_path / last, weights_only=True)["global_step"] == 2 * EPOCH_STEPS
+
+
+def test_resuming_from_best_continues_in_a_new_run_folder(cifar_slice, fitted_run, tmp_path):
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    shutil.copytree(fitted_run, run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    result = run_cli(*quick_fit_args(cifar_slice, "--trainer.max_epochs", "2", "--ckpt_path",
+                                     str(run_dir / "checkpoints" / "best.ckpt")), cwd=tmp_path)
+    assert "resuming from best.ckpt, not the run's last.ckpt: this fit goes on in a new run folder" in result.stderr
+    assert last.read_bytes() == before
+    assert torch.load(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt",
+                      weights_only=True)["global_step"] == 2 * EPOCH_STEPS
+
+
+def test_a_killed_study_resumes_and_equals_an_uninterrupted_one(cifar_slice, fitted_run, test_config, tested_run,
+                                                                tmp_path):
+    """Killed (SIGKILL) after the first of its two test batches, then stopped (SIGTERM) before its strong
+    attacks, the study resumes twice and writes what the uninterrupted ``tested_run`` wrote."""
+    args = ["test", "--config", str(test_config), "--data.data_dir", str(cifar_slice), "--data.batch_size", "128",
+            "--ckpt_path", str(fitted_run / "checkpoints" / "best.ckpt"), "--trainer.enable_progress_bar", "false"]
+    run_dir = tmp_path / "lightning_logs" / "version_0"
+    killed = _run_with_signal(args, tmp_path, small_subset, "SIGKILL", test_batch=0)  # test_config's edit
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (run_dir / "study_journal").iterdir()) == ["batch0.pt", "fingerprint.txt"]
+    assert not (run_dir / "results.csv").exists()
+
+    (tmp_path / "other").mkdir()
+    other = write_config(tmp_path / "other", lambda config: small_subset(config, eps=0.02))
+    refused = subprocess.run([*CLI, *[str(other) if arg == str(test_config) else arg for arg in args],
+                              "--resume_study", "last"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "holds the journal of another study" in refused.stderr, refused.stderr[-3000:]
+
+    stopped = _run_with_signal(args + ["--resume_study", "last"], tmp_path, small_subset, "SIGTERM", first=True,
+                               test_epoch_end=True)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert (f"stopped by SIGTERM; the study's finished batches and attacks are kept in "
+            f"{Path('lightning_logs/version_0/study_journal')} (no results yet). Resume: ") in stopped.stderr
+    assert stopped.stderr.rstrip().endswith("--resume_study lightning_logs/version_0")
+    assert not (run_dir / "results.csv").exists()
+
+    run_cli(*args, "--resume_study", "lightning_logs/version_0", cwd=tmp_path)
+    for name in ("results.csv", "robust_masks.csv", "per_class.csv"):
+        assert (run_dir / name).read_text() == (tested_run / name).read_text(), name
+    assert "read back from its journal" in (run_dir / "results.md").read_text()
+    assert not (run_dir / "study_journal").exists()
+    assert sorted(p.name for p in tmp_path.joinpath("lightning_logs").iterdir()) == ["version_0"]
