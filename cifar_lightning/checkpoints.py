@@ -3,11 +3,15 @@
 Reading them (and model files from elsewhere), safely, is ``loading.py``'s job.
 """
 
+import io
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
+
+from cifar_lightning.files import write_atomic
 
 LAST = "last.ckpt"
 # What a shipped weights file keeps: the weights and what describes them, no optimizer, loop or callback state.
@@ -60,3 +64,22 @@ def weights_only(checkpoint: dict) -> dict:
     data = checkpoint.get("datamodule_hyper_parameters", {})
     kept["datamodule_hyper_parameters"] = {key: data[key] for key in RECIPE_DATA_KEYS if key in data}
     return kept
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing each local checkpoint whole or not at all (``files.write_atomic``).
+
+    Lightning writes a checkpoint to a temporary file in the system's temporary folder and moves it.
+    When that folder is on another filesystem than the run (a tmpfs ``/tmp``, runs on NFS), the move is
+    a copy into the checkpoint itself: a full disk or a kill then leaves a truncated ``last.ckpt``.
+    Remote paths (``s3://``…) keep Lightning's own writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if "://" in str(path) or storage_options is not None:
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(path), buffer.getvalue())

@@ -6,6 +6,7 @@ TorchScript file), which the command puts into the module before the run; a fit 
 starts a new run from its weights.
 """
 
+import errno
 import logging
 import re
 import shlex
@@ -31,6 +32,9 @@ from cifar_lightning.module import ClassifierModule, NonFiniteLossError
 
 # Errors whose message already says what is wrong and how to fix it: no traceback for these.
 USER_ERRORS = (CIFAR10DataError, CheckpointError, ConfigError, NonFiniteLossError)
+
+# A write that failed for want of room (a full disk, a quota, a file size limit).
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 # The loops each subcommand runs: a limit of 0 batches on one of them would run nothing, then exit 0.
 _LOOPS = {"fit": {"train": "training", "val": "validation"}, "validate": {"val": "validation"},
@@ -300,10 +304,13 @@ class CifarLightningCLI(LightningCLI):
                 err = err.__cause__
             raise ConfigError(f"invalid configuration: {err}") from None
 
-    def _load_model_file(self) -> None:
-        """Before the run: refuse a Lightning checkpoint of another network, and make Lightning restore it
-        weights-only too; or put the model of a file from outside into the module, for Lightning to run
-        as it is (a fit starts from its weights)."""
+    def _before_run(self) -> None:
+        """Before the run, and before its run folder is made: load and check the data (a refused data
+        folder leaves no empty ``version_N`` behind); refuse a Lightning checkpoint of another network,
+        and make Lightning restore it weights-only too; or put the model of a file from outside into
+        the module, for Lightning to run as it is (a fit starts from its weights)."""
+        if isinstance(self.datamodule, CIFAR10DataModule):
+            self.datamodule.setup(self.subcommand)  # the trainer's setup then reuses the loaded splits
         config = self.config_init[self.subcommand]
         model_file, self._model_file = self._model_file, None  # free this copy when the run starts
         if model_file is not None and model_file.format == LIGHTNING:
@@ -315,7 +322,7 @@ class CifarLightningCLI(LightningCLI):
         if "weights_only" in config:
             config.weights_only = True
 
-    before_fit = before_validate = before_test = before_predict = _load_model_file
+    before_fit = before_validate = before_test = before_predict = _before_run
 
 
 def _without_option(args: list[str], option: str) -> list[str]:
@@ -354,6 +361,14 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             args=args,
         )
+    except OSError as err:
+        if err.errno not in _DISK_FULL:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"cifar-lightning: error: could not write{where}: {err.strerror}. Every file written before is whole "
+              f"(each is written to a temporary file, then renamed). Fix: free space there, then resume: fit with "
+              f"--ckpt_path last, an interrupted test with --resume_study <its run folder>.", file=sys.stderr)
+        sys.exit(1)
     except Stopped as err:
         print(f"cifar-lightning: {err}", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)  # the shell's status of a process a SIGTERM ended

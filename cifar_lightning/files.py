@@ -20,6 +20,9 @@ def write_atomic(path: Path, data: bytes) -> None:
             # On disk before the rename: else a power cut could leave the new name with no data.
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except OSError as err:  # named after the file it was for, not the temporary one
+        temporary.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from err
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -16,8 +16,10 @@ from tests.conftest import small_subset
 from tests.helpers import (
     CLI,
     CONFIG,
+    REPO,
     TESTS_IMPORTABLE,
     callback_args,
+    cli_error,
     quick_fit_args,
     run_cli,
     scalars,
@@ -208,3 +210,76 @@ def test_a_killed_study_resumes_and_equals_an_uninterrupted_one(cifar_slice, fit
     assert "read back from its journal" in (run_dir / "results.md").read_text()
     assert not (run_dir / "study_journal").exists()
     assert sorted(p.name for p in tmp_path.joinpath("lightning_logs").iterdir()) == ["version_0"]
+
+
+WEIGHTS = str(REPO / "weights" / "improvedcnn_cifar10.ckpt")
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+@pytest.mark.parametrize(("setting", "message"), [
+    (("--trainer.logger", "false"), "--trainer.logger false leaves the run no run folder"),
+    (("--trainer.fast_dev_run", "true"), "--trainer.fast_dev_run True turns the logger and checkpoints off"),
+])
+def test_settings_that_leave_a_run_no_folder_are_refused(capsys, cifar_slice, tmp_path, monkeypatch, subcommand,
+                                                          setting, message):
+    monkeypatch.chdir(tmp_path)
+    line = cli_error(capsys, subcommand, "--config", str(CONFIG), "--data.data_dir", str(cifar_slice),
+                     "--ckpt_path", WEIGHTS, *setting)
+    assert message in line and "Fix: " in line
+    assert list(tmp_path.iterdir()) == []  # nothing written: no config.yaml, no checkpoints folder
+
+
+def test_resume_study_is_refused_where_there_is_nothing_to_resume(capsys, cifar_slice, tested_run, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(CONFIG), "--data.data_dir", str(cifar_slice), "--ckpt_path", WEIGHTS]
+    assert "--resume_study is for test; fit has --ckpt_path last" in cli_error(capsys, "fit", *args,
+                                                                               "--resume_study", "last")
+    assert "--resume_study last: no run in lightning_logs has an interrupted study" in cli_error(
+        capsys, "test", *args, "--resume_study", "last")
+    assert f"--resume_study {tested_run}: finished there" in cli_error(capsys, "test", *args,
+                                                                       "--resume_study", str(tested_run))
+
+
+def test_default_root_dir_moves_the_runs_folder(cifar_slice, tmp_path):
+    run_cli(*quick_fit_args(cifar_slice, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+                            "--trainer.default_root_dir", "elsewhere"), cwd=tmp_path)
+    assert (tmp_path / "elsewhere" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]
+
+
+def test_a_command_line_model_option_the_checkpoint_replaces_is_refused(capsys, cifar_slice):
+    line = cli_error(capsys, "test", "--config", str(CONFIG), "--data.data_dir", str(cifar_slice), "--ckpt_path",
+                     WEIGHTS, "--model.network.init_args.dropout", "0.2")
+    assert "--model.network.init_args.dropout=0.2 differs from the checkpoint's 0.5" in line
+    assert "Fix: leave --model.network.init_args.dropout out" in line
+
+
+def test_a_refused_data_folder_leaves_no_run_folder(capsys, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.npz", "test.npz"):
+        (data / name).write_bytes(b"not an archive")
+    monkeypatch.chdir(tmp_path)
+    assert "is truncated or not an npz archive" in cli_error(capsys, *quick_fit_args(data))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_full_disk_stops_with_one_line_and_leaves_only_whole_files(capsys, cifar_slice, tmp_path, monkeypatch):
+    import errno
+
+    from cifar_lightning.cli import main
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os, "fsync", disk_full)  # every atomic write fails just before its rename
+    with pytest.raises(SystemExit) as exit_:
+        main(quick_fit_args(cifar_slice, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2"))
+    assert exit_.value.code == 1
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cifar-lightning: error:")]
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    assert line.startswith(f"cifar-lightning: error: could not write {checkpoints.relative_to(tmp_path)}")
+    assert ": No space left on device. Every file written before is whole" in line
+    assert not checkpoints.exists() or list(checkpoints.iterdir()) == []  # no partial checkpoint, no temporary file
