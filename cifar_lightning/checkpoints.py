@@ -3,7 +3,6 @@
 Reading them (and model files from elsewhere), safely, is ``loading.py``'s job.
 """
 
-import io
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
-from cifar_lightning.files import write_atomic
+from cifar_lightning.files import save_atomic
 
 LAST = "last.ckpt"
 # What a shipped weights file keeps: the weights and what describes them, no optimizer, loop or callback state.
@@ -79,7 +78,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path) or storage_options is not None:
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(path), buffer.getvalue())
+        save_atomic(checkpoint, Path(path))

@@ -1,7 +1,10 @@
 """The one way the project writes a file: whole or not at all."""
 
+import io
 import os
 from pathlib import Path
+
+import torch
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -26,3 +29,10 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """``torch.save(obj, path)``, written whole or not at all (:func:`write_atomic`)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, buffer.getvalue())

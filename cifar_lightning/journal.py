@@ -10,7 +10,6 @@ The journal belongs to one study: its ``fingerprint`` (weights, data, attacks, m
 is written first, and a journal with another fingerprint is refused, never mixed in.
 """
 
-import io
 import shutil
 import time
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from typing import TypeVar
 import torch
 
 from cifar_lightning.errors import ConfigError
-from cifar_lightning.files import write_atomic
+from cifar_lightning.files import save_atomic, write_atomic
 
 T = TypeVar("T")
 FOLDER = "study_journal"
@@ -69,9 +68,7 @@ class Journal:
         value = compute()
         seconds = time.perf_counter() - start
         if path is not None:
-            buffer = io.BytesIO()
-            torch.save({"value": value, "seconds": seconds}, buffer)
-            write_atomic(path, buffer.getvalue())
+            save_atomic({"value": value, "seconds": seconds}, path)
         return value, seconds
 
     def remove(self) -> None:

@@ -9,9 +9,8 @@ It keeps the weights, the module's hyperparameters, the epoch and the data modul
 import argparse
 from pathlib import Path
 
-import torch
-
 from cifar_lightning.checkpoints import weights_only
+from cifar_lightning.files import save_atomic
 from cifar_lightning.loading import load_checkpoint
 
 
@@ -22,7 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.output.exists():
         parser.exit(2, f"export_weights: {args.output} exists; not overwritten. Fix: remove it or pick another name\n")
-    torch.save(weights_only(load_checkpoint(args.checkpoint)), args.output)
+    save_atomic(weights_only(load_checkpoint(args.checkpoint)), args.output)
     print(f"{args.output}: {args.output.stat().st_size / 1e6:.2f} MB")
 
 

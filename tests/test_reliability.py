@@ -3,8 +3,8 @@
 Bad input is in test_errors.py."""
 
 import os
-import signal
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
