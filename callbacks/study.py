@@ -115,9 +115,12 @@ class StudyCallback(L.Callback):
 
     @staticmethod
     def _journal(trainer: L.Trainer) -> Journal:
-        """The study's journal, in the run folder (``journal.FOLDER``); none without a logger's run folder.
-        A SIGTERM stops the study before its next unit of work."""
+        """The study's journal, in the run folder (``journal.FOLDER``, a subfolder per rank under DDP: each
+        rank's study has batches of its own); none without a logger's run folder. A SIGTERM stops the
+        study before its next unit of work."""
         folder = Path(trainer.log_dir) / FOLDER if trainer.logger is not None else None
+        if folder is not None and trainer.world_size > 1:
+            folder = folder / f"rank{trainer.global_rank}"
         return Journal(folder, stop_requested=lambda: trainer.received_sigterm)
 
     @staticmethod

@@ -81,6 +81,13 @@ def _check_trainer(trainer, subcommand: str) -> None:
                           f"in {weights_dtype}, which this project cannot run: its images, attacks, defenses and "
                           f"int8 copies are float32. Fix: 32-true, or 16-mixed (AMP) on CUDA; bf16-mixed and "
                           f"64-true work too.")
+    # These start the processes with multiprocessing, which hands an error back as another process's
+    # traceback: a bad value found mid-run (a subset larger than the test set) would lose its one line.
+    strategy = str(trainer.strategy)
+    if any(launcher in strategy for launcher in ("spawn", "fork", "notebook")):
+        raise ConfigError(f"invalid configuration: Trainer: strategy={strategy} starts its processes with "
+                          f"multiprocessing, which this command does not support. Fix: --trainer.strategy ddp (the "
+                          f"same processes, each started as a command).")
     if subcommand != "fit":
         return
     for name in ("max_epochs", "max_steps"):
@@ -103,8 +110,8 @@ def _check_run_folder(trainer) -> None:
     if trainer.fast_dev_run:
         raise ConfigError(f"invalid configuration: --trainer.fast_dev_run {trainer.fast_dev_run} turns the logger "
                           f"and checkpoints off, leaving the run no run folder. Fix: a short run with a folder of its "
-                          f"own: --trainer.max_epochs 1 --trainer.limit_train_batches 1 --trainer.limit_val_batches 1 "
-                          f"(fit), --trainer.limit_test_batches 1 (test).")
+                          f"own: --trainer.max_epochs 1 --trainer.limit_train_batches 2 --trainer.limit_val_batches 2 "
+                          f"(fit), --trainer.limit_test_batches 2 (test).")
 
 
 def _move_runs_dir(trainer) -> None:

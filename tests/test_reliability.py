@@ -219,12 +219,14 @@ WEIGHTS = str(REPO / "weights" / "improvedcnn_cifar10.ckpt")
 @pytest.mark.parametrize(("setting", "message"), [
     (("--trainer.logger", "false"), "--trainer.logger false leaves the run no run folder"),
     (("--trainer.fast_dev_run", "true"), "--trainer.fast_dev_run True turns the logger and checkpoints off"),
+    (("--trainer.strategy", "ddp_spawn"), "strategy=ddp_spawn starts its processes with multiprocessing"),
 ])
-def test_settings_that_leave_a_run_no_folder_are_refused(capsys, cifar_slice, tmp_path, monkeypatch, subcommand,
+def test_settings_that_leave_a_run_no_folder_or_lose_its_errors_are_refused(capsys, cifar_slice, tmp_path, monkeypatch, subcommand,
                                                           setting, message):
     monkeypatch.chdir(tmp_path)
-    line = cli_error(capsys, subcommand, "--config", str(CONFIG), "--data.data_dir", str(cifar_slice),
-                     "--ckpt_path", WEIGHTS, *setting)
+    checkpoint = ["--ckpt_path", WEIGHTS] if subcommand == "test" else []
+    line = cli_error(capsys, subcommand, "--config", str(CONFIG), "--data.data_dir", str(cifar_slice), *checkpoint,
+                     *setting)
     assert message in line and "Fix: " in line
     assert list(tmp_path.iterdir()) == []  # nothing written: no config.yaml, no checkpoints folder
 
