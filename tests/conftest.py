@@ -1,8 +1,16 @@
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import callback_args, quick_fit_args, run_cli, write_config, write_slice
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest-xdist runs a worker per core: each, and every command it starts, takes one thread, since
+    # two processes of two threads each on two cores run many times slower than one of two.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
