@@ -13,6 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_CIFAR10 = Path(os.environ.get("CIFAR10_DIR", Path(__file__).resolve().parents[2] / "shared" / "cifar10"))
 CLI = [str(Path(sys.executable).with_name("cifar-lightning"))]
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+# Seconds after which a command of a test counts as hung: a guard, not a speed limit, so that a loaded
+# machine (a study of the slice takes about 2 minutes idle) never fails a good run.
+HANG = 1800
 
 
 def write_slice(folder: Path, n_train: int, n_test: int) -> Path:
@@ -30,7 +33,7 @@ def write_slice(folder: Path, n_train: int, n_test: int) -> Path:
     return folder
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300,
+def run_cli(*args: str, cwd: Path, timeout: float = HANG,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run the installed ``cifar-lightning`` entry point (with ``env`` added to the environment); fail with
     its output if it fails."""

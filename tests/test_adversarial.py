@@ -11,7 +11,7 @@ from torch import nn
 
 from cifar_lightning.adversarial import TrainingAttack
 from cifar_lightning.module import ClassifierModule
-from tests.helpers import CLI, CONFIG, quick_fit_args, run_cli, scalars
+from tests.helpers import CLI, HANG, quick_fit_args, run_cli, scalars
 
 ADVERSARIAL = Path(__file__).resolve().parents[1] / "configs" / "adversarial.yaml"
 EPS = 8 / 255
@@ -98,7 +98,7 @@ def test_an_adversarial_fit_checkpoints_by_robust_accuracy_and_resumes_after_a_k
     args = _adversarial_fit_args(cifar_slice, "--trainer.max_epochs", "3")
     last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     run = subprocess.Popen([*CLI, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + HANG
     while run.poll() is None and time.monotonic() < deadline:
         if last.is_file() and _readable(last):  # first written at the end of epoch 0
             run.send_signal(signal.SIGKILL)

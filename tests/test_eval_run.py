@@ -122,7 +122,7 @@ def test_optional_attacks_leave_every_other_number_identical(cifar_slice, fitted
     config = write_config(tmp_path, lambda c: _switched(c, on))
     run_cli("test", "--config", str(config), "--data.data_dir", str(cifar_slice), "--data.batch_size", "128",
             "--ckpt_path", str(fitted_run / "checkpoints" / "best.ckpt"), "--trainer.enable_progress_bar", "false",
-            cwd=tmp_path, timeout=900)  # FAB-T and Square: minutes on a loaded 2-core machine
+            cwd=tmp_path)
     switched = pd.read_csv(tmp_path / "lightning_logs" / "version_0" / "results.csv").set_index(["model", "input"])
     default = pd.read_csv(tested_run / "results.csv").set_index(["model", "input"])
     shared = default.index.intersection(switched.index)

@@ -16,6 +16,7 @@ from tests.conftest import small_subset
 from tests.helpers import (
     CLI,
     CONFIG,
+    HANG,
     REPO,
     TESTS_IMPORTABLE,
     callback_args,
@@ -51,7 +52,7 @@ def _run_with_signal(args: list[str], cwd: Path, edit, signal_name: str, first: 
     (cwd / "signalled").mkdir(exist_ok=True)
     config = write_config(cwd / "signalled", edit_and_signal)
     args = [str(config) if arg == args[args.index("--config") + 1] else arg for arg in args]
-    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=HANG,
                           env=os.environ | TESTS_IMPORTABLE)
 
 
@@ -193,7 +194,7 @@ def test_a_killed_study_resumes_and_equals_an_uninterrupted_one(cifar_slice, fit
     other = write_config(tmp_path / "other", lambda config: small_subset(config, eps=0.02))
     refused = subprocess.run([*CLI, *[str(other) if arg == str(test_config) else arg for arg in args],
                               "--resume_study", "last"], cwd=tmp_path,
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=HANG)
     assert refused.returncode == 2 and "holds the journal of another study" in refused.stderr, refused.stderr[-3000:]
 
     stopped = _run_with_signal(args + ["--resume_study", "last"], tmp_path, small_subset, "SIGTERM", first=True,
