@@ -19,16 +19,17 @@ HANG = 1800
 
 
 def write_slice(folder: Path, n_train: int, n_test: int) -> Path:
-    """train.npz/test.npz with the first images of the real copy (random images if it is absent)."""
+    """train.npz/test.npz with the first images of the real copy (random images if it is absent). Like the
+    real copy's, the random images of a split are the same whatever its size: a slice's first n test images
+    are any larger slice's."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("test", n_test)):
+    for seed, (split, n) in enumerate((("train", n_train), ("test", n_test))):
         if (SHARED_CIFAR10 / f"{split}.npz").is_file():
             with np.load(SHARED_CIFAR10 / f"{split}.npz") as full:
                 images, labels = full["images"][:n], full["labels"][:n]
-        else:
-            images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-            labels = rng.integers(0, 10, n, dtype=np.uint8)
+        else:  # one stream per split and array: a prefix of each does not depend on n
+            images = np.random.default_rng(2 * seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+            labels = np.random.default_rng(2 * seed + 1).integers(0, 10, n, dtype=np.uint8)
         np.savez(folder / f"{split}.npz", images=images, labels=labels)
     return folder
 
