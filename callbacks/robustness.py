@@ -3,7 +3,7 @@
 import lightning as L
 
 from callbacks.study import StudyCallback
-from cifar_lightning.attacks import ENSEMBLE_MEMBERS, check_at_least_one, check_eps
+from cifar_lightning.attacks import AUTOATTACK_VERSIONS, ENSEMBLE_MEMBERS, check_at_least_one, check_eps
 from cifar_lightning.data import CLASSES
 from cifar_lightning.defenses import Defense, default_defenses
 from cifar_lightning.evaluation import AttackSuite, StrongAttacks
@@ -38,6 +38,9 @@ class RobustnessEvaluation(StudyCallback):
         sweep_ensemble: run the ensemble at each ``eps_sweep`` budget too (PGD always runs there).
         adaptive: the adaptive PGD through each defense.
         seed: seed of the subset and of every random start.
+        autoattack: ``standard`` to run AutoAttack as published (Croce & Hein 2020: APGD-CE, APGD-T,
+            FAB-T, Square, with the paper's budgets, from the clean images) at ``eps`` beside the chain,
+            rows ``autoattack.<member>``; null: not.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class RobustnessEvaluation(StudyCallback):
         sweep_ensemble: bool = False,
         adaptive: bool = True,
         seed: int = 0,
+        autoattack: str | None = None,
     ) -> None:
         owner = "RobustnessEvaluation"
         check_eps(owner, eps)
@@ -66,13 +70,16 @@ class RobustnessEvaluation(StudyCallback):
         if unknown:
             raise ValueError(f"{owner}: ensemble={list(ensemble)} has unknown attack {unknown[0]!r}; choose from "
                              f"{', '.join(ENSEMBLE_MEMBERS)}")
+        if autoattack is not None and autoattack not in AUTOATTACK_VERSIONS:
+            raise ValueError(f"{owner}: autoattack={autoattack!r} is not an AutoAttack version; choose "
+                             f"{', '.join(AUTOATTACK_VERSIONS)}, or null for none")
         if isinstance(sample, str) and sample not in CLASSES:
             raise ValueError(f"{owner}: sample={sample!r} must be a test index or one of {CLASSES}")
         defenses = default_defenses() if defenses is None else defenses
         eps_sweep = sorted(set(eps_sweep) - {0.0, eps})
         self.suite = AttackSuite(eps, defenses, eps_sweep)
         self.strong = StrongAttacks(eps, defenses, eps_sweep, pgd_steps, pgd_restarts, ensemble, sweep_ensemble,
-                                    adaptive, seed) if strong_attacks else None
+                                    adaptive, seed, autoattack) if strong_attacks else None
         self.subset, self.seed, self.sample = subset, seed, sample
 
     def contribute(self, study: Study, trainer: L.Trainer | None = None, pl_module: L.LightningModule | None = None) -> None:

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from cifar_lightning.dashboard import UNKNOWN_RECIPE, training_hparams, trial_name
 from cifar_lightning.evaluation import ModelUnderTest
 from cifar_lightning.journal import FOLDER, Journal
+from cifar_lightning.model_card import About
 from cifar_lightning.study import Gather, Study, publish
 
 
@@ -94,13 +95,16 @@ class StudyCallback(L.Callback):
         log_dir = Path(trainer.log_dir)  # a broadcast under DDP: every rank must ask for it
         masks = study.robust_masks(_gather(trainer))
         if trainer.is_global_zero:
-            figures = study.figures()
-            study.write(log_dir, figures, masks)  # first: nothing after it can lose the numbers
+            figures, hparams = study.figures(), self._hparams(study, pl_module)
+            weights = getattr(pl_module, "loaded_from", None) or trainer.ckpt_path
+            name = Path(weights).stem if weights else "untrained"
+            network = getattr(pl_module.net, "model", pl_module.net)
+            about = About(name, type(network).__name__, hparams["adversarial_training"], hparams["recipe"])
+            study.write(log_dir, figures, masks, about)  # first: nothing after it can lose the numbers
             if trainer.logger is not None:
-                weights = getattr(pl_module, "loaded_from", None) or trainer.ckpt_path
-                trial = trial_name(Path(weights).stem if weights else "untrained", study.eps or 0.0, datetime.now())
+                trial = trial_name(name, study.eps or 0.0, datetime.now())
                 # test/acc and its flip average: the LightningModule's own.
-                publish(study, trainer.logger, trainer.global_step, figures, self._hparams(study, pl_module), trial,
+                publish(study, trainer.logger, trainer.global_step, figures, hparams, trial,
                         logged_elsewhere=("test/acc", "test/acc_flip_average"))
         trainer.strategy.barrier()  # every rank's journal stays until rank 0 has written the results
         study.journal.remove()

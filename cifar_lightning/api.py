@@ -26,6 +26,7 @@ from cifar_lightning.dashboard import UNKNOWN_RECIPE, trial_name
 from cifar_lightning.data import CLASSES, load_cifar10
 from cifar_lightning.evaluation import ModelUnderTest
 from cifar_lightning.frozen import frozen_copy
+from cifar_lightning.model_card import About
 from cifar_lightning.models import CIFAR10_NORMALIZATION, check_normalization, pixel_input
 from cifar_lightning.study import Study, publish
 
@@ -97,7 +98,7 @@ def evaluate(model: nn.Module, data_dir: str | Path = "data", *, normalization: 
     figures, masks = run.figures(), run.robust_masks()
     publish(run, logger, 0, figures, UNKNOWN_RECIPE | run.hparams(), trial_name(name, run.eps or 0.0, datetime.now()))
     logger.finalize("success")
-    run.write(run_dir, figures, masks)
+    run.write(run_dir, figures, masks, About(name, type(model).__name__, **UNKNOWN_RECIPE))
     report = run.report
     return StudyResults(report.summary_frame(), report.details(), report.per_class_frame(), masks,
                         report.timings_frame(), run_dir)

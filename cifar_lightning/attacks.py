@@ -21,6 +21,17 @@ ENSEMBLE_BUDGETS = {"apgd-ce": ("APGD-CE", 100, 1), "apgd-t": ("APGD-T (9 target
                     "fab-t": ("FAB-T (9 targets)", 100, 1), "square": ("Square", 5000, 1)}
 ENSEMBLE_MEMBERS = tuple(ENSEMBLE_BUDGETS)
 
+# AutoAttack's versions: name → its members in order. "standard" is the published one (Croce & Hein
+# 2020), run from the clean images with the budgets above.
+AUTOATTACK_VERSIONS = {"standard": ENSEMBLE_MEMBERS}
+
+# The official AutoAttack's settings (github fra31/auto-attack, autoattack.py) where they are not
+# torchattacks' defaults, or could drift with them: FAB-T's step parameters, and Square's schedule. With
+# torchattacks' default resc_schedule=True, Square at 5,000 queries would shrink its squares on the
+# schedule of 10,000, twice as fast as the paper's.
+FAB_SETTINGS = {"alpha_max": 0.1, "eta": 1.05, "beta": 0.9}
+SQUARE_SETTINGS = {"p_init": 0.8, "loss": "margin", "resc_schedule": False}
+
 
 def check_eps(owner: str, eps: float, name: str = "eps", allow_zero: bool = False) -> None:
     """Refuse a budget outside (0, 1], or [0, 1] with ``allow_zero`` (an ε sweep, whose 0 is its clean point):
@@ -86,7 +97,8 @@ def ensemble_member(name: str, model: nn.Module, eps: float, seed: int = 0,
     """One AutoAttack member with the budget of the paper's standard version (Croce & Hein 2020,
     "Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free
     attacks"): APGD with cross-entropy (100 steps), APGD-T with the targeted DLR loss (100 steps for
-    each of the 9 other classes), FAB-T (100 steps, 9 targets) and Square (5,000 queries).
+    each of the 9 other classes), FAB-T (100 steps, 9 targets) and Square (5,000 queries), with the
+    official implementation's settings (:data:`FAB_SETTINGS`, :data:`SQUARE_SETTINGS`).
     torchattacks' own ``AutoAttack`` runs its members with 10 steps; these are the paper's."""
     check_eps(name, eps)
     if name not in ENSEMBLE_BUDGETS:
@@ -97,8 +109,9 @@ def ensemble_member(name: str, model: nn.Module, eps: float, seed: int = 0,
         "apgd-t": lambda: torchattacks.APGDT(model, eps=eps, steps=steps, n_restarts=restarts, n_classes=num_classes,
                                              seed=seed),
         "fab-t": lambda: torchattacks.FAB(model, eps=eps, steps=steps, n_restarts=restarts, multi_targeted=True,
-                                          n_classes=num_classes, seed=seed),
-        "square": lambda: torchattacks.Square(model, eps=eps, n_queries=steps, n_restarts=restarts, seed=seed),
+                                          n_classes=num_classes, seed=seed, **FAB_SETTINGS),
+        "square": lambda: torchattacks.Square(model, eps=eps, n_queries=steps, n_restarts=restarts, seed=seed,
+                                              **SQUARE_SETTINGS),
     }
     return members[name]()
 

@@ -23,6 +23,7 @@ HEADLINE = {
     "test/int8_acc": "int8 acc",
     "test/int8_static_acc": "int8 static acc",
     "test/acc_flip_average": "clean acc, flip average",
+    "test/autoattack_acc": "AutoAttack acc",
 }
 
 # A test run's hyperparameters, name → column title: what the weights were trained with and how they were tested.

@@ -9,15 +9,16 @@ An input kind is a value (:class:`InputKind`): what made the images (attack, ε,
 the defense in front of the model, and the attacker's knowledge (threat). Its name — ``clean``,
 ``fgsm``, ``clean/<defense>``, ``fgsm/<defense>``, ``fgsm_eps<ε>[/<defense>]`` (the ε sweep),
 ``pgd``, the ensemble's members (``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``) with ``_eps<ε>``
-in the sweep, ``adaptive/<defense>``, and for models without gradients ``transfer`` and
-``whitebox`` — is derived from it for tables and tags, and never parsed back.
+in the sweep, AutoAttack's standard version (``autoattack.apgd-ce`` … ``autoattack.square``),
+``adaptive/<defense>``, and for models without gradients ``transfer`` and ``whitebox`` — is
+derived from it for tables and tags, and never parsed back.
 """
 
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -26,6 +27,7 @@ from torchmetrics import Metric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cifar_lightning.attacks import (
+    AUTOATTACK_VERSIONS,
     ENSEMBLE_BUDGETS,
     Judge,
     ThroughDefense,
@@ -61,6 +63,8 @@ class InputKind:
             ``adaptive`` (through the defense), ``transfer``, ``white-box (surrogate)``.
         sweep: a budget of the ε sweep rather than the study's main ε (it names the kind ``…_eps<ε>``).
         worst_of: the attacks an image had to survive to count as robust (the strong attacks' chains).
+        autoattack: the AutoAttack version (``attacks.AUTOATTACK_VERSIONS``) whose member this is; its
+            rows are named ``autoattack.<member>``, apart from the project's own chain.
     """
 
     attack: str = "none"
@@ -71,9 +75,12 @@ class InputKind:
     threat: str = "none"
     sweep: bool = False
     worst_of: tuple[str, ...] = ()
+    autoattack: str | None = None
 
     @property
     def name(self) -> str:
+        if self.autoattack:
+            return f"autoattack.{self.attack}"
         base = _NAMED_BY_THREAT.get(self.threat) or ("clean" if self.attack == "none" else self.attack)
         suffix = f"_eps{self.eps:.4f}" if self.sweep else ""
         return f"{base}{suffix}" + (f"/{self.defense}" if self.defense else "")
@@ -88,8 +95,7 @@ class InputKind:
                 "restarts": self.restarts, "defense": self.defense or "none", "threat": self.threat}
 
     def defended(self, defense: Defense) -> "InputKind":
-        return InputKind(self.attack, self.eps, self.steps, self.restarts, defense.name, self.threat, self.sweep,
-                         self.worst_of)
+        return replace(self, defense=defense.name)
 
 
 CLEAN = InputKind()
@@ -241,6 +247,8 @@ class StrongAttacks:
     PGD, then each ensemble member, each only on the images still standing, so an image counts as
     robust only if it survives every attack up to that one, and accuracies can only fall along the
     chain. The adaptive attack on a defense starts from the images that FGSM-then-defense left.
+    AutoAttack as published (``autoattack``) runs as its own chain from the clean images, as the
+    official implementation does: its number is comparable with the paper's and RobustBench's.
     A model without gradients is scored on another model's worst-case images (``transfer``) and,
     given a differentiable surrogate, by PGD on that surrogate (``whitebox``).
 
@@ -253,14 +261,18 @@ class StrongAttacks:
             budgets most images survive PGD, and APGD-T costs 900 passes an image).
         adaptive: run the adaptive PGD through each defense.
         seed: seed of every random start, so a run is reproducible.
+        autoattack: an AutoAttack version (``attacks.AUTOATTACK_VERSIONS``: ``standard``) to run at ``eps``
+            beside the chain, or None.
     """
 
     def __init__(self, eps: float, defenses: Sequence[Defense], eps_sweep: Sequence[float] = (),
                  pgd_steps: int = 20, pgd_restarts: int = 1, ensemble: Sequence[str] = ("apgd-ce", "apgd-t"),
-                 sweep_ensemble: bool = False, adaptive: bool = True, seed: int = 0) -> None:
+                 sweep_ensemble: bool = False, adaptive: bool = True, seed: int = 0,
+                 autoattack: str | None = None) -> None:
         self.eps, self.defenses, self.eps_sweep = eps, list(defenses), list(eps_sweep)
         self.pgd_steps, self.pgd_restarts, self.ensemble = pgd_steps, pgd_restarts, list(ensemble)
         self.sweep_ensemble, self.adaptive, self.seed = sweep_ensemble, adaptive, seed
+        self.autoattack = autoattack
 
     def chain(self, eps: float) -> list[InputKind]:
         """The attacks after FGSM at budget ``eps``, each with the chain an image had to survive."""
@@ -270,6 +282,12 @@ class StrongAttacks:
         return [InputKind(member, eps, *budgets[member], threat="white-box", sweep=sweep,
                           worst_of=("fgsm", *members[: i + 1])) for i, member in enumerate(members)]
 
+    def autoattack_chain(self) -> list[InputKind]:
+        """AutoAttack's members at ``eps`` (none without ``autoattack``), each with the chain before it."""
+        members = AUTOATTACK_VERSIONS[self.autoattack] if self.autoattack else ()
+        return [InputKind(member, self.eps, *ENSEMBLE_BUDGETS[member][1:], threat="white-box",
+                          worst_of=members[: i + 1], autoattack=self.autoattack) for i, member in enumerate(members)]
+
     def adaptive_kind(self, defense: Defense) -> InputKind:
         return InputKind("pgd", self.eps, self.pgd_steps, self.pgd_restarts, defense.name, "adaptive",
                          worst_of=("fgsm", "pgd"))
@@ -277,7 +295,8 @@ class StrongAttacks:
     @property
     def kinds(self) -> list[InputKind]:
         """The rows of a model with gradients, in the tables' order."""
-        kinds = [kind for eps in [self.eps, *self.eps_sweep] for kind in self.chain(eps)]
+        kinds = self.chain(self.eps) + self.autoattack_chain()
+        kinds += [kind for eps in self.eps_sweep for kind in self.chain(eps)]
         return kinds + ([self.adaptive_kind(d) for d in self.defenses] if self.adaptive else [])
 
     def without_gradients_kinds(self, surrogate: bool) -> list[InputKind]:
@@ -298,19 +317,16 @@ class StrongAttacks:
         """
         masks, judge = {}, partial(predicted_labels, model)
         for eps in [self.eps, *self.eps_sweep]:
-            chain = self.chain(eps)
-            attacks = {}
-            for kind in chain:
-                if kind.attack == "pgd":
-                    attack = pgd_with_restarts(model, eps, self.pgd_steps, self.pgd_restarts, self.seed)
-                else:
-                    attack = partial(lambda x, y, member, eps: run_attack(ensemble_member(member, model, eps, self.seed),
-                                                                          x, y, self.seed), member=kind.attack, eps=eps)
-                attacks[kind.name] = as_unit(run_unit, kind.attack, kind.name, attack)
+            attacks = {kind.name: as_unit(run_unit, kind.attack, kind.name, self._attack(model, kind))
+                       for kind in self.chain(eps)}
             adversarial, robust = attack_chain(attacks, judge, images, labels, standing[fgsm_kind(eps, eps != self.eps).name])
             masks |= robust
             if eps == self.eps:
                 worst = adversarial
+        if self.autoattack:
+            attacks = {kind.name: as_unit(run_unit, f"autoattack {kind.attack}", kind.name, self._attack(model, kind))
+                       for kind in self.autoattack_chain()}
+            masks |= attack_chain(attacks, judge, images, labels, standing[CLEAN.name])[1]
         for defense in self.defenses if self.adaptive else []:
             defended = ThroughDefense(model, defense)
             defended_judge = lambda x, defense=defense: predicted_labels(model, defense(x))
@@ -321,6 +337,13 @@ class StrongAttacks:
                                      defended_judge, images, labels, standing[fgsm_kind(self.eps).defended(defense).name])
             masks |= robust
         return masks, worst
+
+    def _attack(self, model: nn.Module, kind: InputKind):
+        """``attack(images, labels)`` of a white-box ``kind``: PGD with restarts or an ensemble member."""
+        if kind.attack == "pgd":
+            return pgd_with_restarts(model, kind.eps, self.pgd_steps, self.pgd_restarts, self.seed)
+        return lambda images, labels: run_attack(ensemble_member(kind.attack, model, kind.eps, self.seed), images,
+                                                 labels, self.seed)
 
 
 @torch.inference_mode()

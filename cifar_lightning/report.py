@@ -31,6 +31,9 @@ THREAT_NOTES = {
     "white-box (surrogate)": "int8 `white-box (surrogate)` rows attack a fake-quantized copy with the int8 model's own "
                              "scales and score the real int8 model.",
 }
+AUTOATTACK_NOTE = ("`autoattack.*` rows are AutoAttack's standard version as published (Croce & Hein 2020) and as "
+                   "RobustBench reports it: its members in order from the clean images, each on the images every "
+                   "earlier one left; its last row is the AutoAttack accuracy.")
 
 
 def _cell(value: object) -> str:
@@ -100,7 +103,8 @@ class Report:
     def headline(self) -> dict[str, tuple[float, str]]:
         """The run in a few numbers, ``dashboard.HEADLINE`` tag → (accuracy, what it is), from the rows
         at the main ε: FP32 clean and under FGSM; under its strongest attack (the lowest accuracy any attack
-        leaves); the best defense against the strongest attacker it met; each int8 model, clean."""
+        leaves); AutoAttack's, when it ran; the best defense against the strongest attacker it met; each int8
+        model, clean."""
         rows = self.rows_with_kinds()
         if rows.empty:
             return {}
@@ -118,6 +122,11 @@ class Report:
             chain = worst.get("worst_of")
             attack = f"per image the worst of {chain}" if isinstance(chain, str) else worst.input
             headline["test/strongest_attack_acc"] = (worst.acc, f"{attack} ({worst.images:,} images)")
+        autoattack = undefended[undefended.kind.map(attrgetter("autoattack")).notna()]
+        if not autoattack.empty:
+            final = autoattack.iloc[-1]
+            what = f"AutoAttack ({final.kind.autoattack}: {final.worst_of}), {final.images:,} images"
+            headline["test/autoattack_acc"] = (final.acc, what)
         defended = attacked[attacked.defense != "none"]
         if not defended.empty:
             worst_per_defense = pd.DataFrame([_last_lowest(rows) for _, rows in defended.groupby("defense")])
@@ -150,6 +159,8 @@ class Report:
         a narrow window."""
         details = self.details()
         notes = " ".join(note for threat, note in THREAT_NOTES.items() if threat in set(details.get("threat", [])))
+        if details.get("input", pd.Series(dtype=str)).str.startswith("autoattack.").any():
+            notes += " " + AUTOATTACK_NOTE
         headline = pd.DataFrame([(HEADLINE[tag], value, what) for tag, (value, what) in self.headline().items()],
                                 columns=["headline", "accuracy", "of what"])
         # Transposed, each column mixes numbers and text, so the cells are formatted here; blank: not measured.

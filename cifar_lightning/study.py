@@ -47,7 +47,9 @@ from cifar_lightning.evaluation import (
     predicted_labels,
     stratified_subset,
 )
+from cifar_lightning.files import write_atomic
 from cifar_lightning.journal import Journal
+from cifar_lightning.model_card import About, entry_json, model_card, robustbench_entry
 from cifar_lightning.quantization import cpu_latency, state_dict_megabytes
 from cifar_lightning.report import Report, accuracy_bars, eps_curve, prediction_figure, sample_grid
 
@@ -386,11 +388,17 @@ class Study:
             figures["samples_grid"] = sample_grid(rows, primary)
         return figures
 
-    def write(self, folder: Path, figures: dict[str, Figure], robust_masks: pd.DataFrame | None) -> None:
-        """The run's files (``results.csv``, ``summary.csv``, …, figures as PNG) into ``folder``."""
+    def write(self, folder: Path, figures: dict[str, Figure], robust_masks: pd.DataFrame | None,
+              about: About | None = None) -> None:
+        """The run's files (``results.csv``, ``summary.csv``, …, figures as PNG) into ``folder``; given
+        ``about`` the weights, their RobustBench entry (``robustbench.json``) and ``model_card.md`` too."""
         self.report.robust_masks = robust_masks
         self.report.stage_seconds = dict(self.timer.seconds)
         self.report.write(folder, figures)
+        if about is not None:
+            entry = robustbench_entry(self.report.rows_with_kinds(), about)
+            write_atomic(folder / "robustbench.json", entry_json(entry))
+            write_atomic(folder / "model_card.md", model_card(entry, self.report.headline()).encode())
 
 
 def publish(study: Study, logger, step: int, figures: dict[str, Figure], hparams: dict[str, object], trial: str,

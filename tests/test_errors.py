@@ -43,6 +43,8 @@ def _in_tmp_path(tmp_path, monkeypatch):
                                            "nothing (pixel scale"),
         ("RobustnessEvaluation", "eps_sweep", [2 / 255, -0.1], "RobustnessEvaluation: eps_sweep=-0.1 must be in [0, 1] "
                                                               "(pixel scale"),
+        ("RobustnessEvaluation", "autoattack", "plus", "RobustnessEvaluation: autoattack='plus' is not an AutoAttack "
+                                                     "version; choose standard, or null for none"),
         ("GaussianBlur", "kernel_size", 4, "GaussianBlur: kernel_size=4 must be an odd integer >= 3"),
         ("MedianFilter", "kernel_size", 1, "MedianFilter: kernel_size=1 must be an odd integer >= 3"),
         ("JpegCompression", "quality", 0, "JpegCompression: quality=0 must be an integer in 1..95"),

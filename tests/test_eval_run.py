@@ -1,5 +1,7 @@
 """`cifar-lightning test` with the default callbacks, end to end, single process and DDP."""
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -18,7 +20,8 @@ def test_test_run_logs_the_headline_once_and_it_matches_the_tables(tested_run):
     from cifar_lightning.dashboard import HEADLINE
 
     logged = scalars(tested_run)
-    assert set(logged) == set(HEADLINE)  # no per-class, per-ε or constant charts; no stray `epoch` point
+    # no per-class, per-ε or constant charts; no stray `epoch` point; no AutoAttack (not run)
+    assert set(logged) == set(HEADLINE) - {"test/autoattack_acc"}
     assert all(len(values) == 1 for values in logged.values())
     table = pd.read_csv(tested_run / "results.csv")
     assert set(table.model) == set(MODELS) and (table.images[table.threat == "non-adaptive"] == 256).all()
@@ -34,6 +37,9 @@ def test_test_run_logs_the_headline_once_and_it_matches_the_tables(tested_run):
     assert logged["test/best_defense_acc"] == [pytest.approx(defended.groupby("defense").acc.min().max())]
     assert logged["test/int8_acc"] == [pytest.approx(acc["int8_dynamic", "clean"])]
     assert logged["test/int8_static_acc"] == [pytest.approx(acc["int8_static", "clean"])]
+    entry = json.loads((tested_run / "robustbench.json").read_text())  # RobustBench's format, beside the tables
+    assert entry["clean_acc"] == f"{100 * acc['fp32', 'clean']:.2f}" and entry["autoattack_acc"] is None  # not run
+    assert entry["clean_examples"] == 256 and (tested_run / "model_card.md").is_file()
 
 
 def test_the_flip_average_is_logged_beside_the_plain_accuracy_not_in_its_place(cifar_slice, fitted_run, tested_run):

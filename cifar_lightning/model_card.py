@@ -1,0 +1,116 @@
+"""A test run in the format the field reads: RobustBench's model-info JSON and a short model card.
+
+RobustBench (Croce et al. 2021) lists each model with a JSON of these fields (its
+``model_info/cifar10/Linf/*.json``): ``name``, ``link``, ``authors``, ``venue``, ``dataset``,
+``architecture``, ``additional_data``, ``number_forward_passes``, ``eps`` (``"8/255"``), ``clean_acc``
+and ``autoattack_acc`` (percent, two decimals, as text) and ``footnote``. The entry
+written here has those, and says what RobustBench's leaves implicit: the threat model, how many images
+each accuracy is over, the training recipe, the date, and the versions that computed it.
+
+``autoattack_acc`` is AutoAttack's standard version only (``RobustnessEvaluation(autoattack="standard")``,
+rows ``autoattack.*``); without it the field is null and the footnote says so: the project's faster
+chain is not the number RobustBench ranks by.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import date
+from importlib.metadata import version
+
+import pandas as pd
+
+from cifar_lightning.dashboard import HEADLINE, eps_label
+
+PRIMARY = "fp32"
+
+
+@dataclass(frozen=True)
+class About:
+    """What the study cannot see in its numbers: which weights these are and how they were trained.
+
+    Args:
+        name: the weights' name (the checkpoint's file name without suffix).
+        architecture: the network's class name.
+        adversarial_training: e.g. ``none``, ``pgd, ε 8/255`` (``dashboard.training_hparams``).
+        recipe: the rest of the training recipe, or ``not known`` for weights from outside.
+    """
+
+    name: str
+    architecture: str
+    adversarial_training: str = "not known"
+    recipe: str = "not known"
+
+
+def _percent(value: float | None) -> str | None:
+    return None if value is None else f"{100 * value:.2f}"
+
+
+def robustbench_entry(rows: pd.DataFrame, about: About, tested_on: date | None = None) -> dict:
+    """The RobustBench entry of the first model under test from the study's ``rows`` (``Report.rows_with_kinds``)."""
+    fp32 = rows[(rows.model == PRIMARY) & ~rows.kind.map(lambda kind: kind.sweep)].set_index("input", drop=False)
+    clean = fp32.loc["clean"]
+    autoattack = fp32[fp32.kind.map(lambda kind: kind.autoattack is not None)]
+    final = autoattack.iloc[-1] if not autoattack.empty else None
+    eps = final.eps if final is not None else fp32[fp32.attack != "none"].eps.max()
+    if final is not None:
+        footnote = (f"AutoAttack ({final.kind.autoattack}: {final.worst_of.replace('+', ', ')}) on {final.images:,} "
+                    f"class-stratified test images; clean accuracy on {clean.images:,}.")
+    else:
+        footnote = "AutoAttack was not run (RobustnessEvaluation autoattack: null), so there is no autoattack_acc."
+    return {
+        "name": about.name,
+        "link": "",
+        "authors": "",
+        "venue": "N/A",
+        "dataset": "cifar10",
+        "threat_model": "Linf",
+        "architecture": about.architecture,
+        "additional_data": False,
+        "number_forward_passes": 1,
+        "eps": None if math.isnan(eps) else eps_label(eps),
+        "clean_acc": _percent(clean.acc),
+        "autoattack_acc": _percent(final.acc if final is not None else None),
+        "footnote": footnote,
+        "clean_examples": int(clean.images),
+        "autoattack_examples": int(final.images) if final is not None else None,
+        "autoattack_version": final.kind.autoattack if final is not None else None,
+        "adversarial_training": about.adversarial_training,
+        "training_recipe": about.recipe,
+        "date": (tested_on or date.today()).isoformat(),
+        "version": {package: version(package) for package in ("cifar-lightning", "torch", "torchattacks")},
+    }
+
+
+def entry_json(entry: dict) -> bytes:
+    return (json.dumps(entry, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def model_card(entry: dict, headline: dict[str, tuple[float, str]]) -> str:
+    """A short markdown card: the RobustBench numbers first, then the study's headline, then provenance."""
+    autoattack = entry["autoattack_acc"]
+    lines = [
+        f"# {entry['name']}: CIFAR-10, {entry['threat_model']} ε = {entry['eps']}",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| architecture | {entry['architecture']} |",
+        f"| adversarial training | {entry['adversarial_training']} |",
+        f"| training recipe | {entry['training_recipe']} |",
+        f"| clean accuracy | {entry['clean_acc']}% ({entry['clean_examples']:,} test images) |",
+        f"| AutoAttack ({entry['autoattack_version']}) | {autoattack}% ({entry['autoattack_examples']:,} test images) |"
+        if autoattack is not None else "| AutoAttack | not run |",
+        "",
+        entry["footnote"],
+        "",
+        "## The study's headline",
+        "",
+        "| | accuracy | of what |",
+        "| --- | --- | --- |",
+        *[f"| {HEADLINE[tag]} | {100 * value:.2f}% | {what} |" for tag, (value, what) in headline.items()],
+        "",
+        f"Tested on {entry['date']} with "
+        + ", ".join(f"{package} {number}" for package, number in entry["version"].items()) + ".",
+        "",
+    ]
+    return "\n".join(lines)
