@@ -21,6 +21,7 @@ from importlib.metadata import version
 import pandas as pd
 
 from cifar_lightning.dashboard import HEADLINE, eps_label
+from cifar_lightning.report import autoattack_result
 
 PRIMARY = "fp32"
 
@@ -49,9 +50,7 @@ def _percent(value: float | None) -> str | None:
 def robustbench_entry(rows: pd.DataFrame, about: About, tested_on: date | None = None) -> dict:
     """The RobustBench entry of the first model under test from the study's ``rows`` (``Report.rows_with_kinds``)."""
     fp32 = rows[(rows.model == PRIMARY) & ~rows.kind.map(lambda kind: kind.sweep)].set_index("input", drop=False)
-    clean = fp32.loc["clean"]
-    autoattack = fp32[fp32.kind.map(lambda kind: kind.autoattack is not None)]
-    final = autoattack.iloc[-1] if not autoattack.empty else None
+    clean, final = fp32.loc["clean"], autoattack_result(rows)
     eps = final.eps if final is not None else fp32[fp32.attack != "none"].eps.max()
     if final is not None:
         footnote = (f"AutoAttack ({final.kind.autoattack}: {final.worst_of.replace('+', ', ')}) on {final.images:,} "

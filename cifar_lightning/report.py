@@ -55,6 +55,12 @@ def figure_png(figure: plt.Figure) -> bytes:
 _DEFENSE_COLUMNS = {"none": "clean", "non-adaptive": "recovery", "adaptive": "adaptive"}
 
 
+def autoattack_result(rows: pd.DataFrame) -> pd.Series | None:
+    """The FP32 model's AutoAttack row at the main ε (its last member's: the worst case), or None if it did not run."""
+    autoattack = rows[(rows.model == "fp32") & rows.kind.map(lambda kind: kind.autoattack is not None and not kind.sweep)]
+    return autoattack.iloc[-1] if not autoattack.empty else None
+
+
 def _last_lowest(rows: pd.DataFrame) -> pd.Series:
     """The row of the lowest accuracy; of tied rows the last, the longest chain of attacks."""
     return rows[rows.acc == rows.acc.min()].iloc[-1]
@@ -122,9 +128,8 @@ class Report:
             chain = worst.get("worst_of")
             attack = f"per image the worst of {chain}" if isinstance(chain, str) else worst.input
             headline["test/strongest_attack_acc"] = (worst.acc, f"{attack} ({worst.images:,} images)")
-        autoattack = undefended[undefended.kind.map(attrgetter("autoattack")).notna()]
-        if not autoattack.empty:
-            final = autoattack.iloc[-1]
+        final = autoattack_result(rows)
+        if final is not None:
             what = f"AutoAttack ({final.kind.autoattack}: {final.worst_of}), {final.images:,} images"
             headline["test/autoattack_acc"] = (final.acc, what)
         defended = attacked[attacked.defense != "none"]
