@@ -4,6 +4,7 @@ import lightning as L
 
 from callbacks.study import StudyCallback
 from cifar_lightning.attacks import AUTOATTACK_VERSIONS, ENSEMBLE_MEMBERS, check_at_least_one, check_eps
+from cifar_lightning.checks import CHECKS, AttackChecks, check_checks
 from cifar_lightning.data import CLASSES
 from cifar_lightning.defenses import Defense, default_defenses
 from cifar_lightning.evaluation import AttackSuite, StrongAttacks
@@ -41,6 +42,11 @@ class RobustnessEvaluation(StudyCallback):
         autoattack: ``standard`` to run AutoAttack as published (Croce & Hein 2020: APGD-CE, APGD-T,
             FAB-T, Square, with the paper's budgets, from the clean images) at ``eps`` beside the chain,
             rows ``autoattack.<member>``; null: not.
+        checks: attack-failure checks beside the strong attacks (``checks.CHECKS``: randomised, logits,
+            zero_gradients, convergence, large_eps, black_box), each a flag with its reason on the rows it
+            concerns; ``black_box`` also runs Square through each defense, counted in the adaptive rows.
+        check_images: the subset's first images the costly checks (and Square through the defenses) run on.
+        square_queries: Square's queries in the ``black_box`` checks (5,000 as in AutoAttack).
     """
 
     def __init__(
@@ -58,6 +64,9 @@ class RobustnessEvaluation(StudyCallback):
         adaptive: bool = True,
         seed: int = 0,
         autoattack: str | None = None,
+        checks: list[str] = tuple(CHECKS),
+        check_images: int = 100,
+        square_queries: int = 5000,
     ) -> None:
         owner = "RobustnessEvaluation"
         check_eps(owner, eps)
@@ -73,14 +82,17 @@ class RobustnessEvaluation(StudyCallback):
         if autoattack is not None and autoattack not in AUTOATTACK_VERSIONS:
             raise ValueError(f"{owner}: autoattack={autoattack!r} is not an AutoAttack version; choose "
                              f"{', '.join(AUTOATTACK_VERSIONS)}, or null for none")
+        check_checks(owner, checks, check_images, square_queries)
         if isinstance(sample, str) and sample not in CLASSES:
             raise ValueError(f"{owner}: sample={sample!r} must be a test index or one of {CLASSES}")
         defenses = default_defenses() if defenses is None else defenses
         eps_sweep = sorted(set(eps_sweep) - {0.0, eps})
         self.suite = AttackSuite(eps, defenses, eps_sweep)
         self.strong = StrongAttacks(eps, defenses, eps_sweep, pgd_steps, pgd_restarts, ensemble, sweep_ensemble,
-                                    adaptive, seed, autoattack) if strong_attacks else None
+                                    adaptive, seed, autoattack,
+                                    square_queries if "black_box" in checks else None) if strong_attacks else None
+        self.checks = AttackChecks(checks, check_images, square_queries)
         self.subset, self.seed, self.sample = subset, seed, sample
 
     def contribute(self, study: Study, trainer: L.Trainer | None = None, pl_module: L.LightningModule | None = None) -> None:
-        study.set_attacks(self.suite, self.strong, self.subset, self.seed, self.sample)
+        study.set_attacks(self.suite, self.strong, self.subset, self.seed, self.sample, self.checks)

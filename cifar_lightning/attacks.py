@@ -116,6 +116,14 @@ def ensemble_member(name: str, model: nn.Module, eps: float, seed: int = 0,
     return members[name]()
 
 
+def square(model: nn.Module, eps: float, queries: int, seed: int = 0) -> torchattacks.Square:
+    """Square (Andriushchenko et al. 2020), AutoAttack's black-box member, with ``queries`` model passes an
+    image at most: it needs no gradient, so it cross-checks the gradient attacks (``checks.py``)."""
+    attack = ensemble_member("square", model, eps, seed)
+    attack.n_queries = queries
+    return attack
+
+
 @contextmanager
 def untouched(model: nn.Module) -> Iterator[None]:
     """Run ``model`` in eval mode with frozen weights, then put back every submodule's own mode,
@@ -189,6 +197,12 @@ class ThroughDefense(nn.Module):
 
 Judge = Callable[[Tensor], Tensor]
 """Images (N, 3, H, W) in [0, 1] → predicted labels (N,): the model that decides whether an attack worked."""
+
+
+def survivors(attack: Callable[[Tensor, Tensor], Tensor], judge: Judge, images: Tensor, labels: Tensor,
+              standing: Tensor) -> Tensor:
+    """(N,) bool: the images of ``standing`` that ``judge`` still gets right after ``attack`` (run on those only)."""
+    return attack_chain({"attack": attack}, judge, images, labels, standing)[1]["attack"]
 
 
 def attack_chain(attacks: dict[str, Callable[[Tensor, Tensor], Tensor]], judge: Judge, images: Tensor,

@@ -36,6 +36,8 @@ from cifar_lightning.attacks import (
     fgsm_at_budgets,
     pgd,
     run_attack,
+    square,
+    survivors,
 )
 from cifar_lightning.data import CLASSES
 from cifar_lightning.defenses import Defense
@@ -263,16 +265,19 @@ class StrongAttacks:
         seed: seed of every random start, so a run is reproducible.
         autoattack: an AutoAttack version (``attacks.AUTOATTACK_VERSIONS``: ``standard``) to run at ``eps``
             beside the chain, or None.
+        defense_square: Square's queries through each defense after the adaptive PGD, on the images the
+            caller marks (``sliced``), the black-box cross-check of BPDA: the adaptive row is then the
+            worst of both per image. None: not run.
     """
 
     def __init__(self, eps: float, defenses: Sequence[Defense], eps_sweep: Sequence[float] = (),
                  pgd_steps: int = 20, pgd_restarts: int = 1, ensemble: Sequence[str] = ("apgd-ce", "apgd-t"),
                  sweep_ensemble: bool = False, adaptive: bool = True, seed: int = 0,
-                 autoattack: str | None = None) -> None:
+                 autoattack: str | None = None, defense_square: int | None = None) -> None:
         self.eps, self.defenses, self.eps_sweep = eps, list(defenses), list(eps_sweep)
         self.pgd_steps, self.pgd_restarts, self.ensemble = pgd_steps, pgd_restarts, list(ensemble)
         self.sweep_ensemble, self.adaptive, self.seed = sweep_ensemble, adaptive, seed
-        self.autoattack = autoattack
+        self.autoattack, self.defense_square = autoattack, defense_square
 
     def chain(self, eps: float) -> list[InputKind]:
         """The attacks after FGSM at budget ``eps``, each with the chain an image had to survive."""
@@ -290,7 +295,7 @@ class StrongAttacks:
 
     def adaptive_kind(self, defense: Defense) -> InputKind:
         return InputKind("pgd", self.eps, self.pgd_steps, self.pgd_restarts, defense.name, "adaptive",
-                         worst_of=("fgsm", "pgd"))
+                         worst_of=("fgsm", "pgd", "square") if self.defense_square else ("fgsm", "pgd"))
 
     @property
     def kinds(self) -> list[InputKind]:
@@ -308,14 +313,17 @@ class StrongAttacks:
         return [transfer, whitebox] if surrogate else [transfer]
 
     def __call__(self, model: nn.Module, images: Tensor, labels: Tensor, standing: dict[str, Tensor],
-                 run_unit: RunUnit) -> tuple[dict[str, Tensor], Tensor]:
-        """Robust masks (N,) bool by input name, and the adversarial images at ``eps`` (each image's
-        first success along the chain, else the last attempt).
+                 run_unit: RunUnit, sliced: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, dict]:
+        """Robust masks (N,) bool by input name; the adversarial images at ``eps`` (each image's first
+        success along the chain, else the last attempt); and per defense ``black_box/<defense>``, the
+        images Square broke through it that adaptive PGD left, with the images it ran on
+        (``checks.CheckCounts``' evidence).
 
         ``standing``: per-image correctness after FGSM from the per-batch study
         (``AttackSuite.standing``). ``run_unit`` runs each attack member (named by its input kind).
+        ``sliced``: the images Square runs on through the defenses (``defense_square``; default all).
         """
-        masks, judge = {}, partial(predicted_labels, model)
+        masks, evidence, judge = {}, {}, partial(predicted_labels, model)
         for eps in [self.eps, *self.eps_sweep]:
             attacks = {kind.name: as_unit(run_unit, kind.attack, kind.name, self._attack(model, kind))
                        for kind in self.chain(eps)}
@@ -336,7 +344,17 @@ class StrongAttacks:
             _, robust = attack_chain({kind.name: as_unit(run_unit, f"adaptive {defense.name}", kind.name, attack)},
                                      defended_judge, images, labels, standing[fgsm_kind(self.eps).defended(defense).name])
             masks |= robust
-        return masks, worst
+            if self.defense_square:
+                checked = torch.ones_like(labels, dtype=torch.bool) if sliced is None else sliced
+                left = robust[kind.name] & checked
+                black_box = square(defended, self.eps, self.defense_square, self.seed)
+                name = f"black_box/{defense.name}"
+                attack = as_unit(run_unit, f"square {defense.name}", name,
+                                 lambda x, y, black_box=black_box: run_attack(black_box, x, y, self.seed))
+                broken = left & ~survivors(attack, defended_judge, images, labels, left)
+                masks[kind.name] = robust[kind.name] & ~broken
+                evidence[name] = broken, checked
+        return masks, worst, evidence
 
     def _attack(self, model: nn.Module, kind: InputKind):
         """``attack(images, labels)`` of a white-box ``kind``: PGD with restarts or an ensemble member."""

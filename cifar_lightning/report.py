@@ -14,6 +14,7 @@ import pandas as pd
 from matplotlib.ticker import PercentFormatter
 from torch import Tensor
 
+from cifar_lightning.checks import Flag
 from cifar_lightning.dashboard import HEADLINE, eps_label
 from cifar_lightning.data import CLASSES
 from cifar_lightning.evaluation import CLEAN, InputKind
@@ -76,6 +77,7 @@ class Report:
         self.stage_seconds: dict[str, float] = {}
         self.robust_masks: pd.DataFrame | None = None  # per image of the strong attacks' subset
         self.notes: list[str] = []  # what was not run, and why
+        self.flags: list[Flag] = []  # attack-failure checks that fired (checks.py)
 
     def add(self, model: str, results: dict, kinds: list[InputKind]) -> None:
         """``results`` from ``RobustnessMetrics.compute`` (every test image) or
@@ -101,6 +103,17 @@ class Report:
                 row[f"{kind.defense}_{_DEFENSE_COLUMNS[kind.threat]}"] = accuracy[kind.name]
             elif kind.threat not in ("none", "non-adaptive"):
                 row[f"{kind.name}_acc"] = accuracy[kind.name]  # the strong attacks at the main ε
+
+    def add_flags(self, flags: list[Flag]) -> None:
+        """Checks that fired: they mark their rows (``flag`` column) and the model's summary row."""
+        self.flags += flags
+        for flag in flags:
+            row = self.summary.setdefault(flag.model, {})
+            row["flagged_by"] = ", ".join(filter(None, [row.get("flagged_by"), flag.check]))
+
+    def flag_of(self, model: str, input_name: str) -> str:
+        """The reasons of every flag on a row, or ``""``."""
+        return "; ".join(f.reason for f in self.flags if f.model == model and input_name in f.inputs)
 
     def add_model_info(self, model: str, **info) -> None:
         """Size, latency, device… for the summary row of ``model``."""
@@ -135,9 +148,13 @@ class Report:
         defended = attacked[attacked.defense != "none"]
         if not defended.empty:
             worst_per_defense = pd.DataFrame([_last_lowest(rows) for _, rows in defended.groupby("defense")])
-            best = worst_per_defense.loc[worst_per_defense.acc.idxmax()]
+            # A flagged row's number may be the attack's failure: it is best only if every defense is flagged.
+            flagged = worst_per_defense.input.map(lambda name: self.flag_of("fp32", name))
+            candidates = worst_per_defense[flagged == ""] if (flagged == "").any() else worst_per_defense
+            best = candidates.loc[candidates.acc.idxmax()]
+            note = f"; flagged: {flagged[best.name]}" if flagged[best.name] else ""
             headline["test/best_defense_acc"] = (best.acc, f"{best.defense} against its strongest attacker, "
-                                                           f"{best.input} ({best.images:,} images)")
+                                                           f"{best.input} ({best.images:,} images){note}")
         for model, tag in (("int8_dynamic", "test/int8_acc"), ("int8_static", "test/int8_static_acc")):
             clean = rows[(rows.model == model) & (rows.input == "clean")]
             if not clean.empty:
@@ -149,8 +166,12 @@ class Report:
         return pd.DataFrame(self.rows)
 
     def details(self) -> pd.DataFrame:
-        """``results.csv``: what each row measures, and its numbers."""
-        return self.rows_with_kinds().drop(columns="kind", errors="ignore")
+        """``results.csv``: what each row measures, its numbers, and the attack-failure checks that flag it."""
+        rows = self.rows_with_kinds()
+        if rows.empty:
+            return rows
+        flag = [self.flag_of(model, name) for model, name in zip(rows.model, rows.input)]
+        return rows.drop(columns="kind").assign(flag=flag)
 
     def summary_frame(self) -> pd.DataFrame:
         return pd.DataFrame.from_dict(self.summary, orient="index").rename_axis("model").reset_index()
@@ -172,6 +193,7 @@ class Report:
         summary = self.summary_frame().set_index("model").T.rename_axis("FP32 and int8").map(_cell)
         return {
             "summary": ("".join(f"Note: {note}\n\n" for note in self.notes)
+                        + "".join(f"**Flag** ({f.model}, {', '.join(f.inputs)}): {f.reason}.\n\n" for f in self.flags)
                         + headline.to_markdown(index=False, floatfmt=".4f") + "\n\n"
                         + summary.to_markdown(disable_numparse=True)),
             "tables/every_input": notes + "\n\n" + details.map(_cell).to_markdown(index=False, disable_numparse=True),

@@ -27,6 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from cifar_lightning.attacks import attack_chain
+from cifar_lightning.checks import AttackChecks, CheckCounts, flags
 from cifar_lightning.dashboard import log_hparams
 from cifar_lightning.data import CLASSES
 from cifar_lightning.errors import ConfigError
@@ -73,6 +74,7 @@ class Study:
         self.models = {primary.name: primary}
         self.attacks: AttackSuite | None = None
         self.strong: StrongAttacks | None = None
+        self.checks: AttackChecks | None = None
         self.subset_size: int | None = None
         self.seed = 0
         self.sample: str | int | None = None
@@ -96,10 +98,12 @@ class Study:
         return {"eps_test": self.eps if self.eps is not None else 0.0, "defenses": defenses or "none"}
 
     def set_attacks(self, attacks: AttackSuite, strong: StrongAttacks | None, subset: int | None = 1000,
-                    seed: int = 0, sample: str | int | None = "ship") -> None:
+                    seed: int = 0, sample: str | int | None = "ship", checks: AttackChecks | None = None) -> None:
         """The per-batch attacks and defenses, the strong attacks on a seeded stratified ``subset`` of
-        that many test images (None: all), and the figure's image (a test index or a class name)."""
+        that many test images (None: all), the figure's image (a test index or a class name), and the
+        attack-failure checks to run beside the strong attacks (``checks.AttackChecks``)."""
         self.attacks, self.strong, self.subset_size, self.seed, self.sample = attacks, strong, subset, seed, sample
+        self.checks = checks if strong is not None else None
 
     def add_model(self, model: ModelUnderTest) -> None:
         if self.begun:
@@ -160,8 +164,9 @@ class Study:
                 digest.update(f"{model.name} {model.gradients} {model.sweep} {module!r}".encode() + buffer.getvalue())
         defenses = [(type(d).__qualname__, sorted(vars(d).items())) for d in (self.attacks.defenses if self.attacks else [])]
         strong = vars(self.strong) | {"defenses": None} if self.strong is not None else None
+        checks = vars(self.checks) if self.checks is not None else None
         digest.update(repr((labels.tolist(), list(order), self.batch_size, [self.kinds(m) for m in self.models.values()],
-                            defenses, strong, sorted(self.subset_indices), self.sample)).encode())
+                            defenses, strong, checks, sorted(self.subset_indices), self.sample)).encode())
         return digest.hexdigest()
 
     def _measure(self, model: ModelUnderTest) -> None:
@@ -279,7 +284,7 @@ class Study:
         gradients, else the first model's worst case (transfer) and PGD on its surrogate."""
         kinds = self.strong.kinds if model.gradients else \
             self.strong.without_gradients_kinds(model.surrogate is not None)
-        metrics = RobustAccuracy(kinds, self.device)
+        metrics, counts = RobustAccuracy(kinds, self.device), CheckCounts(self.device)
         agreement = MulticlassAccuracy(len(CLASSES), average="micro").to(self.device)
         masks, adversarial = [], []
         for part in self._subset_batches(f"{model.name}: strong attacks", progress):
@@ -290,7 +295,13 @@ class Study:
             units = f"{model.name}/subset{int(self.subset['index'][part][0])}"
             run_unit = lambda stage, name, compute, units=units: self._unit(stage, f"{units}/{name}", compute)
             if model.gradients:
-                robust, worst = self.strong(model.model, images, labels, standing, run_unit)
+                # The costly checks' slice: the subset's first images.
+                sliced = torch.arange(part.start, part.start + len(labels), device=labels.device) < (
+                    self.checks.images if self.checks else 0)
+                robust, worst, evidence = self.strong(model.model, images, labels, standing, run_unit, sliced)
+                if self.checks is not None:
+                    evidence |= self.checks(model.model, images, labels, robust, sliced, self.strong, run_unit)
+                counts.update(evidence)
                 robust[CLEAN.name] = standing[CLEAN.name]
                 adversarial.append(worst)
             else:
@@ -303,10 +314,19 @@ class Study:
                        else torch.empty(0, dtype=torch.bool) for kind in kinds}
         results = metrics.compute()
         self.report.add(model.name, results, kinds)
+        if model.gradients and self.checks is not None:
+            self.report.add_flags(flags(model.name, counts.compute(), self._flagged_rows(),
+                                        self.checks.settings(self.strong)))
         if model.surrogate is not None:
             self.report.add_model_info(model.name, surrogate_agreement=agreement.compute().item())
         if model is self.primary:
             self.accuracy |= results["acc"] | {"clean (subset)": results["clean_acc"]}
+
+    def _flagged_rows(self) -> dict[str, list[str]]:
+        """The input names each kind of check marks (``checks.Check.rows``)."""
+        strong, chain = self.strong, self.strong.chain(self.strong.eps)
+        rows = {"attacked": [kind.name for kind in strong.kinds], "pgd": [chain[0].name], "chain": [chain[-1].name]}
+        return rows | {f"adaptive/{d.name}": [strong.adaptive_kind(d).name] for d in strong.defenses}
 
     def _unit(self, stage: str, key: str, compute: Callable[[], Tensor]) -> Tensor:
         """``compute()``, timed under ``stage`` and journaled under ``key``."""

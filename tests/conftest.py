@@ -27,12 +27,15 @@ def fitted_run(cifar_slice, tmp_path_factory) -> Path:
     return workdir / "lightning_logs" / "version_0"
 
 
+CHEAP_CHECKS = {"check_images": 16, "square_queries": 200}
+
+
 def small_subset(config: dict, **changes) -> None:
     """The strong attacks on 64 of the slice's 256 test images, with 5 PGD steps, one ε of the sweep
-    (2/255) and latency runs of 16 images (the numbers tests read take seconds, not minutes); then
-    ``changes``."""
+    (2/255), the costly checks on 16 images with Square's 200 queries, and latency runs of 16 images (the
+    numbers tests read take seconds, not minutes); then ``changes``."""
     callback_args(config, "RobustnessEvaluation").update({"subset": 64, "pgd_steps": 5, "eps_sweep": [2 / 255]}
-                                                         | changes)
+                                                         | CHEAP_CHECKS | changes)
     callback_args(config, "QuantizationEvaluation")["latency_batch_size"] = 16
 
 

@@ -6,11 +6,11 @@ import torch
 
 from cifar_lightning import evaluate
 from cifar_lightning.module import ClassifierModule
-from tests.conftest import small_subset
+from tests.conftest import CHEAP_CHECKS, small_subset
 from tests.helpers import callback_args, run_cli, write_config
 
 # A quick study: one ε, two defenses' worth of work, a 32-image subset, PGD-3 then APGD-CE.
-QUICK = {"eps_sweep": [2 / 255], "subset": 32, "pgd_steps": 3, "ensemble": ["apgd-ce"]}
+QUICK = {"eps_sweep": [2 / 255], "subset": 32, "pgd_steps": 3, "ensemble": ["apgd-ce"]} | CHEAP_CHECKS
 
 
 def _quick(config: dict) -> None:

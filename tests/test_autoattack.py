@@ -71,7 +71,7 @@ def test_the_standard_version_runs_its_four_members_in_order_from_the_clean_imag
     assert final.worst_of == ("apgd-ce", "apgd-t", "fab-t", "square") and final.steps == 5000
     # FGSM left only the first two images standing: the project's chain goes on from those, AutoAttack from all.
     standing = {CLEAN.name: torch.ones(6, dtype=torch.bool), fgsm_kind(8 / 255).name: torch.arange(6) < 2}
-    masks, _ = strong(Brightness(), images, labels, standing, lambda stage, name, compute: compute())
+    masks, _, _ = strong(Brightness(), images, labels, standing, lambda stage, name, compute: compute())
     assert calls == [("PGD", 2), ("APGD", 2), ("APGD", 6), ("APGDT", 6), ("FAB", 6), ("Square", 6)]
     assert all(masks[name].all() for name in names[2:])  # nothing within 8/255 flips Brightness
 

@@ -45,6 +45,10 @@ def _in_tmp_path(tmp_path, monkeypatch):
                                                               "(pixel scale"),
         ("RobustnessEvaluation", "autoattack", "plus", "RobustnessEvaluation: autoattack='plus' is not an AutoAttack "
                                                      "version; choose standard, or null for none"),
+        ("RobustnessEvaluation", "checks", ["gradients"], "RobustnessEvaluation: checks=['gradients'] has unknown "
+                                                         "check 'gradients'; choose from randomised, logits, "
+                                                         "zero_gradients, convergence, large_eps, black_box"),
+        ("RobustnessEvaluation", "square_queries", 0, "RobustnessEvaluation: square_queries=0 must be an integer >= 1"),
         ("GaussianBlur", "kernel_size", 4, "GaussianBlur: kernel_size=4 must be an odd integer >= 3"),
         ("MedianFilter", "kernel_size", 1, "MedianFilter: kernel_size=1 must be an odd integer >= 3"),
         ("JpegCompression", "quality", 0, "JpegCompression: quality=0 must be an integer in 1..95"),
