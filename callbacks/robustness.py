@@ -3,7 +3,7 @@
 import lightning as L
 
 from callbacks.study import StudyCallback
-from cifar_lightning.attacks import AUTOATTACK_VERSIONS, ENSEMBLE_MEMBERS, check_at_least_one, check_eps
+from cifar_lightning.attacks import AUTOATTACK_VERSIONS, ENSEMBLE_MEMBERS, check_at_least_one, check_eps, check_l2_eps
 from cifar_lightning.checks import CHECKS, AttackChecks, check_checks
 from cifar_lightning.data import CLASSES
 from cifar_lightning.defenses import Defense, default_defenses
@@ -41,12 +41,15 @@ class RobustnessEvaluation(StudyCallback):
         seed: seed of the subset and of every random start.
         autoattack: ``standard`` to run AutoAttack as published (Croce & Hein 2020: APGD-CE, APGD-T,
             FAB-T, Square, with the paper's budgets, from the clean images) at ``eps`` beside the chain,
-            rows ``autoattack.<member>``; null: not.
+            rows ``autoattack.<member>``; ``apgd`` for its first two members alone (APGD-CE, APGD-T: a fifth
+            of the cost, no AutoAttack accuracy); null: not.
         checks: attack-failure checks beside the strong attacks (``checks.CHECKS``: randomised, logits,
             zero_gradients, convergence, large_eps, black_box), each a flag with its reason on the rows it
             concerns; ``black_box`` also runs Square through each defense, counted in the adaptive rows.
         check_images: the subset's first images the costly checks (and Square through the defenses) run on.
         square_queries: Square's queries in the ``black_box`` checks (5,000 as in AutoAttack).
+        l2_eps: the L2 threat model's budget (RobustBench's 0.5): on the subset, FGM, PGD-L2 and the
+            ``ensemble`` under L2 from the clean images, rows ``l2.<attack>``; null: L∞ only.
     """
 
     def __init__(
@@ -67,11 +70,14 @@ class RobustnessEvaluation(StudyCallback):
         checks: list[str] = tuple(CHECKS),
         check_images: int = 100,
         square_queries: int = 5000,
+        l2_eps: float | None = 0.5,
     ) -> None:
         owner = "RobustnessEvaluation"
         check_eps(owner, eps)
         for value in eps_sweep:
             check_eps(owner, value, "eps_sweep", allow_zero=True)  # the sweep's 0 is the clean point, dropped below
+        if l2_eps is not None:
+            check_l2_eps(owner, l2_eps, "l2_eps")
         check_at_least_one(owner, pgd_steps=pgd_steps, pgd_restarts=pgd_restarts)
         if subset is not None:
             check_at_least_one(owner, subset=subset)
@@ -90,7 +96,7 @@ class RobustnessEvaluation(StudyCallback):
         self.suite = AttackSuite(eps, defenses, eps_sweep)
         self.strong = StrongAttacks(eps, defenses, eps_sweep, pgd_steps, pgd_restarts, ensemble, sweep_ensemble,
                                     adaptive, seed, autoattack,
-                                    square_queries if "black_box" in checks else None) if strong_attacks else None
+                                    square_queries if "black_box" in checks else None, l2_eps) if strong_attacks else None
         self.checks = AttackChecks(checks, check_images, square_queries)
         self.subset, self.seed, self.sample = subset, seed, sample
 

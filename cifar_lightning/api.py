@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from tqdm.auto import tqdm
 
+from callbacks.corruptions import CorruptionEvaluation
 from callbacks.quantization import QuantizationEvaluation
 from callbacks.robustness import RobustnessEvaluation
 from cifar_lightning.dashboard import UNKNOWN_RECIPE, trial_name
@@ -44,7 +45,8 @@ class StudyResults:
 
 
 def evaluate(model: nn.Module, data_dir: str | Path = "data", *, normalization: dict | None = CIFAR10_NORMALIZATION,
-             quantization: bool | dict = True, images: int | None = None, batch_size: int = 128,
+             quantization: bool | dict = True, corruptions: bool | dict = True, images: int | None = None,
+             batch_size: int = 128,
              device: str | torch.device = "cpu", runs_dir: str | Path = "lightning_logs", name: str = "model",
              progress: bool = True, fast: bool = True, **study: object) -> StudyResults:
     """The robustness study of ``model`` on the CIFAR-10 test images in ``data_dir``.
@@ -56,6 +58,7 @@ def evaluate(model: nn.Module, data_dir: str | Path = "data", *, normalization: 
             by default, as ImprovedCNN), or None for a model that takes [0, 1] pixels. Attacks and
             defenses always work on [0, 1] pixels.
         quantization: add the int8 copies (``QuantizationEvaluation``; a dict: its arguments).
+        corruptions: score the common corruptions (``CorruptionEvaluation``; a dict: its arguments).
         images: the first this many test images (None: all 10,000).
         batch_size: images per batch (the CLI's ``--data.batch_size``; random starts are drawn per batch).
         device: where ``model`` runs.
@@ -83,6 +86,8 @@ def evaluate(model: nn.Module, data_dir: str | Path = "data", *, normalization: 
 
     run = Study(ModelUnderTest("fp32", network, device))
     robustness.contribute(run)
+    if corruptions:
+        CorruptionEvaluation(**(corruptions if isinstance(corruptions, dict) else {})).contribute(run)
     if quantization:
         QuantizationEvaluation(**(quantization if isinstance(quantization, dict) else {})).add_int8_copies(run, data_dir)
     run.begin(test_labels, batch_size, device)

@@ -1,6 +1,8 @@
 """Gradient attacks in [0, 1] pixel space, via torchattacks, and the attacker's view of a defense.
 
-Every model given here takes [0, 1] images (``models.Normalized``), so ε is in pixel units (L∞).
+Every model given here takes [0, 1] images (``models.Normalized``), so ε is in pixel units, in the
+threat model's norm (:data:`NORMS`): L∞ (every pixel moves by at most ε) or L2 (the perturbation's
+Euclidean length over all 3·H·W values is at most ε; 0.5 is RobustBench's CIFAR-10 budget).
 An attack is a function of (model, images, labels) that returns adversarial images and leaves the
 model exactly as it found it: the mode of every submodule, BatchNorm statistics, weights, the
 weights' ``requires_grad`` and ``.grad``, and the global random stream (:func:`run_attack`).
@@ -8,6 +10,8 @@ weights' ``requires_grad`` and ``.grad``, and the global random stream (:func:`r
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+
+import math
 
 import torch
 import torchattacks
@@ -21,9 +25,11 @@ ENSEMBLE_BUDGETS = {"apgd-ce": ("APGD-CE", 100, 1), "apgd-t": ("APGD-T (9 target
                     "fab-t": ("FAB-T (9 targets)", 100, 1), "square": ("Square", 5000, 1)}
 ENSEMBLE_MEMBERS = tuple(ENSEMBLE_BUDGETS)
 
-# AutoAttack's versions: name → its members in order. "standard" is the published one (Croce & Hein
-# 2020), run from the clean images with the budgets above.
-AUTOATTACK_VERSIONS = {"standard": ENSEMBLE_MEMBERS}
+# AutoAttack's versions: name → its members in order, run from the clean images with the budgets above.
+# "standard" is the published one (Croce & Hein 2020), whose last row is the AutoAttack accuracy. "apgd" is
+# its first two members alone, the official implementation's attacks_to_run=['apgd-ce', 'apgd-t']: a fifth
+# of the cost, for comparing it with the official one member by member (scripts/autoattack_parity.py).
+AUTOATTACK_VERSIONS = {"standard": ENSEMBLE_MEMBERS, "apgd": ENSEMBLE_MEMBERS[:2]}
 
 # The official AutoAttack's settings (github fra31/auto-attack, autoattack.py) where they are not
 # torchattacks' defaults, or could drift with them: FAB-T's step parameters, and Square's schedule. With
@@ -33,9 +39,26 @@ FAB_SETTINGS = {"alpha_max": 0.1, "eta": 1.05, "beta": 0.9}
 SQUARE_SETTINGS = {"p_init": 0.8, "loss": "margin", "resc_schedule": False}
 
 
+# The threat models: the norm the budget ε bounds.
+NORMS = ("Linf", "L2")
+
+
+def check_norm(owner: str, norm: str, name: str = "norm") -> None:
+    if norm not in NORMS:
+        raise ValueError(f"{owner}: {name}={norm!r} is not a threat model; choose from {', '.join(NORMS)}")
+
+
+def check_l2_eps(owner: str, eps: float, name: str = "eps") -> None:
+    """Refuse an L2 budget that is not a positive finite number (L2 budgets may exceed 1: a
+    perturbation of 1/255 on every value of a CIFAR-10 image has length √3072/255 ≈ 0.22)."""
+    if not (isinstance(eps, (int, float)) and 0.0 < eps < math.inf):  # also refuses NaN
+        raise ValueError(f"{owner}: {name}={eps} must be a positive number (L2 length in pixel scale; 0.5 is "
+                         f"RobustBench's CIFAR-10 budget)")
+
+
 def check_eps(owner: str, eps: float, name: str = "eps", allow_zero: bool = False) -> None:
-    """Refuse a budget outside (0, 1], or [0, 1] with ``allow_zero`` (an ε sweep, whose 0 is its clean point):
-    an attack of budget 0 would run and change no image."""
+    """Refuse an L∞ budget outside (0, 1], or [0, 1] with ``allow_zero`` (an ε sweep, whose 0 is its clean
+    point): an attack of budget 0 would run and change no image."""
     low_ok = eps >= 0.0 if allow_zero else eps > 0.0
     if not (low_ok and eps <= 1.0):  # also refuses NaN
         interval = "[0, 1]" if allow_zero else "(0, 1]"
@@ -79,39 +102,111 @@ def fgsm_at_budgets(model: nn.Module, images: Tensor, labels: Tensor, budgets: S
         return [(clean + eps * sign).clamp(0, 1).detach() for eps in budgets]
 
 
+class FGM(torchattacks.attack.Attack):
+    """Fast Gradient Method, FGSM's L2 form (Goodfellow et al. 2015; Miyato et al. 2017): one step of
+    length ε along the loss gradient, ``x + ε·∇ₓ loss / ‖∇ₓ loss‖₂`` per image, clipped to [0, 1]
+    (clipping only shortens the step). Images (N, C, H, W) in [0, 1] and labels (N,) in, adversarial
+    images of that shape out."""
+
+    norm = "L2"
+
+    def __init__(self, model: nn.Module, eps: float = 0.5) -> None:
+        check_l2_eps("fgm", eps)
+        super().__init__("FGM", model)
+        self.eps = eps
+        self.supported_mode = ["default"]
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        images = images.clone().detach().to(self.device).requires_grad_(True)
+        loss = nn.functional.cross_entropy(self.get_logits(images), labels.to(self.device))
+        gradient = torch.autograd.grad(loss, images)[0]
+        length = gradient.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        return (images + self.eps * gradient / length).clamp(0, 1).detach()
+
+
 def pgd(model: nn.Module, eps: float = 8 / 255, steps: int = 10, alpha: float | None = None,
-        random_start: bool = True) -> torchattacks.PGD:
+        random_start: bool = True, norm: str = "Linf") -> torchattacks.attack.Attack:
     """Projected Gradient Descent (Madry et al. 2018): from a random point of the ε-ball, ``steps``
-    signed-gradient steps of size ``alpha`` (default 2.5·ε/steps), each projected back into the
-    L∞ ball of radius ε and into [0, 1]; the standard strong first-order attack."""
-    check_eps("pgd", eps)
+    steps of size ``alpha`` (default 2.5·ε/steps), each projected back into the ball of radius ε and
+    into [0, 1]; the standard strong first-order attack. L∞: signed-gradient steps
+    (``torchattacks.PGD``); L2: steps along the gradient normalised to length ``alpha`` (``torchattacks.PGDL2``)."""
+    check_norm("pgd", norm)
+    check_eps("pgd", eps) if norm == "Linf" else check_l2_eps("pgd", eps)
     check_at_least_one("pgd", steps=steps)
     alpha = 2.5 * eps / steps if alpha is None else alpha
     if not alpha > 0:
         raise ValueError(f"pgd: alpha={alpha} must be > 0")
-    return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
+    attack = torchattacks.PGD if norm == "Linf" else PGDL2
+    return attack(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
 
 
-def ensemble_member(name: str, model: nn.Module, eps: float, seed: int = 0,
-                    num_classes: int = 10) -> torchattacks.attack.Attack:
+class _ContiguousGradient(torch.autograd.Function):
+    """The identity, whose backward pass returns the gradient in the standard (NCHW) layout."""
+
+    @staticmethod
+    def forward(ctx, images: Tensor) -> Tensor:
+        return images.view_as(images)
+
+    @staticmethod
+    def backward(ctx, gradient: Tensor) -> Tensor:
+        return gradient.contiguous()
+
+
+class PGDL2(torchattacks.PGDL2):
+    """``torchattacks.PGDL2`` on a channels_last network: the image's gradient comes back channels_last
+    there, which its ``grad.view(N, -1)`` refuses, so it is handed back in NCHW. Arguments as its."""
+
+    norm = "L2"  # what run_attack projects onto
+
+    def get_logits(self, inputs: Tensor, *args, **kwargs) -> Tensor:
+        return super().get_logits(_ContiguousGradient.apply(inputs), *args, **kwargs)
+
+
+class APGDT(torchattacks.APGDT):
+    """torchattacks' APGD-T (Croce & Hein 2020: APGD on the targeted DLR loss, one run per target class)
+    with its L2 step size per image, as in the paper and the official implementation.
+
+    torchattacks 3.5's ``APGDT.attack_single_run`` steps every image of an L2 batch by ``step_size[0]``,
+    the first image's step size (each image's step halves on its own schedule); its APGD, untargeted,
+    steps each image by its own, and is otherwise the same code line for line but for the loss. So the
+    run here is APGD's, with the targeted DLR loss toward the class the clean logits rank
+    ``target_class``-th: under L∞ the very same computation as torchattacks' APGD-T
+    (``tests/test_attacks.py``), under L2 the corrected one. Arguments as ``torchattacks.APGDT``'s.
+    """
+
+    loss = "dlr"  # APGD's run picks its loss by this name: the DLR loss, targeted by ``dlr_loss`` below
+
+    def attack_single_run(self, x: Tensor, y: Tensor):
+        self._targets = self.get_logits(x).sort(dim=1)[1][:, -self.target_class]
+        return torchattacks.APGD.attack_single_run(self, x, y)
+
+    def dlr_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return self.dlr_loss_targeted(logits, labels, self._targets)
+
+
+def ensemble_member(name: str, model: nn.Module, eps: float, seed: int = 0, num_classes: int = 10,
+                    norm: str = "Linf") -> torchattacks.attack.Attack:
     """One AutoAttack member with the budget of the paper's standard version (Croce & Hein 2020,
     "Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free
     attacks"): APGD with cross-entropy (100 steps), APGD-T with the targeted DLR loss (100 steps for
     each of the 9 other classes), FAB-T (100 steps, 9 targets) and Square (5,000 queries), with the
-    official implementation's settings (:data:`FAB_SETTINGS`, :data:`SQUARE_SETTINGS`).
+    official implementation's settings (:data:`FAB_SETTINGS`, :data:`SQUARE_SETTINGS`), under the
+    ``norm`` of the threat model (the same budgets for L2, as the official standard version).
     torchattacks' own ``AutoAttack`` runs its members with 10 steps; these are the paper's."""
-    check_eps(name, eps)
+    check_norm(name, norm)
+    check_eps(name, eps) if norm == "Linf" else check_l2_eps(name, eps)
     if name not in ENSEMBLE_BUDGETS:
         raise ValueError(f"unknown attack {name!r}; the ensemble's members are {', '.join(ENSEMBLE_MEMBERS)}")
     _, steps, restarts = ENSEMBLE_BUDGETS[name]
     members = {
-        "apgd-ce": lambda: torchattacks.APGD(model, eps=eps, steps=steps, n_restarts=restarts, loss="ce", seed=seed),
-        "apgd-t": lambda: torchattacks.APGDT(model, eps=eps, steps=steps, n_restarts=restarts, n_classes=num_classes,
+        "apgd-ce": lambda: torchattacks.APGD(model, norm=norm, eps=eps, steps=steps, n_restarts=restarts, loss="ce",
                                              seed=seed),
-        "fab-t": lambda: torchattacks.FAB(model, eps=eps, steps=steps, n_restarts=restarts, multi_targeted=True,
-                                          n_classes=num_classes, seed=seed, **FAB_SETTINGS),
-        "square": lambda: torchattacks.Square(model, eps=eps, n_queries=steps, n_restarts=restarts, seed=seed,
-                                              **SQUARE_SETTINGS),
+        "apgd-t": lambda: APGDT(model, norm=norm, eps=eps, steps=steps, n_restarts=restarts, n_classes=num_classes,
+                                seed=seed),
+        "fab-t": lambda: torchattacks.FAB(model, norm=norm, eps=eps, steps=steps, n_restarts=restarts,
+                                          multi_targeted=True, n_classes=num_classes, seed=seed, **FAB_SETTINGS),
+        "square": lambda: torchattacks.Square(model, norm=norm, eps=eps, n_queries=steps, n_restarts=restarts,
+                                              seed=seed, **SQUARE_SETTINGS),
     }
     return members[name]()
 
@@ -159,8 +254,18 @@ def run_attack(attack: torchattacks.attack.Attack, images: Tensor, labels: Tenso
         clean = images.clone()
         adversarial = attack(clean, labels.clone()).detach()
     # FAB and Square search their own way; an image outside the threat model would not count.
-    eps = attack.eps
-    return torch.min(torch.max(adversarial, clean - eps), clean + eps).clamp(0, 1)
+    return project(adversarial, clean, attack.eps, getattr(attack, "norm", "Linf"))
+
+
+def project(adversarial: Tensor, clean: Tensor, eps: float, norm: str = "Linf") -> Tensor:
+    """``adversarial`` (N, C, H, W) moved into the ``norm`` ball of radius ``eps`` around ``clean`` and
+    into [0, 1]; images already inside are left as they are (L2: within float rounding, 1e-6 of ε)."""
+    if norm == "Linf":
+        return torch.min(torch.max(adversarial, clean - eps), clean + eps).clamp(0, 1)
+    delta = adversarial - clean
+    length = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    shortened = clean + delta * (eps / length.clamp_min(1e-12))
+    return torch.where(length > eps * (1 + 1e-6), shortened, adversarial).clamp(0, 1)
 
 
 class _StraightThrough(torch.autograd.Function):

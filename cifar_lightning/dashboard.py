@@ -24,6 +24,8 @@ HEADLINE = {
     "test/int8_static_acc": "int8 static acc",
     "test/acc_flip_average": "clean acc, flip average",
     "test/autoattack_acc": "AutoAttack acc",
+    "test/l2_acc": "L2 strongest attack acc",
+    "test/corruption_acc": "corruption acc",
 }
 
 # A test run's hyperparameters, name → column title: what the weights were trained with and how they were tested.

@@ -10,7 +10,9 @@ the defense in front of the model, and the attacker's knowledge (threat). Its na
 ``fgsm``, ``clean/<defense>``, ``fgsm/<defense>``, ``fgsm_eps<ε>[/<defense>]`` (the ε sweep),
 ``pgd``, the ensemble's members (``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``) with ``_eps<ε>``
 in the sweep, AutoAttack's standard version (``autoattack.apgd-ce`` … ``autoattack.square``),
-``adaptive/<defense>``, and for models without gradients ``transfer`` and ``whitebox`` — is
+``adaptive/<defense>``, and for models without gradients ``transfer`` and ``whitebox``; under the L2
+threat model ``l2.`` before the attack's name (``l2.fgm``, ``l2.pgd``, ``l2.apgd-ce``, …); the common
+corruptions ``corruption.<name>_s<severity>`` and ``corruption.clean`` (their images, uncorrupted) — is
 derived from it for tables and tags, and never parsed back.
 """
 
@@ -29,6 +31,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from cifar_lightning.attacks import (
     AUTOATTACK_VERSIONS,
     ENSEMBLE_BUDGETS,
+    FGM,
     Judge,
     ThroughDefense,
     attack_chain,
@@ -39,11 +42,12 @@ from cifar_lightning.attacks import (
     square,
     survivors,
 )
+from cifar_lightning.corruptions import CORRUPTIONS, SEVERITIES, check_corruption, corrupt
 from cifar_lightning.data import CLASSES
 from cifar_lightning.defenses import Defense
 
 # Names of the attacks in the tables; the ensemble's members as in ``attacks.ENSEMBLE_BUDGETS``.
-ATTACK_TITLES = {"none": "none", "fgsm": "FGSM", "pgd": "PGD", "transfer": "FP32 worst case"} | {
+ATTACK_TITLES = {"none": "none", "fgsm": "FGSM", "fgm": "FGM", "pgd": "PGD", "transfer": "FP32 worst case"} | {
     member: title for member, (title, _, _) in ENSEMBLE_BUDGETS.items()}
 
 
@@ -56,9 +60,9 @@ class InputKind:
     """One kind of input a model is scored on.
 
     Args:
-        attack: what made the images: ``none`` (clean), ``fgsm``, ``pgd``, an ensemble member, or
-            ``transfer`` (another model's worst case along the chain ``worst_of``).
-        eps: the budget in [0, 1] pixel space (L∞), exactly as configured; 0 for clean images.
+        attack: what made the images: ``none`` (clean), ``fgsm``, ``fgm`` (its L2 form), ``pgd``, an
+            ensemble member, or ``transfer`` (another model's worst case along the chain ``worst_of``).
+        eps: the budget in [0, 1] pixel space, in the ``norm``, exactly as configured; 0 for clean images.
         steps, restarts: the attack's steps (Square: queries) and random starts.
         defense: the defense's name (``defenses.Defense.name``) in front of the model, or None.
         threat: ``none``, ``non-adaptive`` (crafted without the defense), ``white-box``,
@@ -67,6 +71,9 @@ class InputKind:
         worst_of: the attacks an image had to survive to count as robust (the strong attacks' chains).
         autoattack: the AutoAttack version (``attacks.AUTOATTACK_VERSIONS``) whose member this is; its
             rows are named ``autoattack.<member>``, apart from the project's own chain.
+        norm: the threat model ε bounds (``attacks.NORMS``): ``Linf`` or ``L2`` (rows ``l2.<attack>``).
+        corruption, severity: the common corruption (``corruptions.CORRUPTIONS``, or ``none`` for its
+            images uncorrupted) and its severity (1–5) of a ``threat="corruption"`` row.
     """
 
     attack: str = "none"
@@ -78,14 +85,20 @@ class InputKind:
     sweep: bool = False
     worst_of: tuple[str, ...] = ()
     autoattack: str | None = None
+    norm: str = "Linf"
+    corruption: str | None = None
+    severity: int = 0
 
     @property
     def name(self) -> str:
         if self.autoattack:
             return f"autoattack.{self.attack}"
+        if self.corruption:
+            return "corruption.clean" if self.corruption == "none" else f"corruption.{self.corruption}_s{self.severity}"
         base = _NAMED_BY_THREAT.get(self.threat) or ("clean" if self.attack == "none" else self.attack)
+        prefix = "l2." if self.norm == "L2" else ""
         suffix = f"_eps{self.eps:.4f}" if self.sweep else ""
-        return f"{base}{suffix}" + (f"/{self.defense}" if self.defense else "")
+        return f"{prefix}{base}{suffix}" + (f"/{self.defense}" if self.defense else "")
 
     @property
     def attacked(self) -> bool:
@@ -93,8 +106,10 @@ class InputKind:
 
     def row(self) -> dict[str, object]:
         """The columns of a ``results.csv`` row that say what the row measures."""
-        return {"input": self.name, "attack": ATTACK_TITLES[self.attack], "eps": self.eps, "steps": self.steps,
-                "restarts": self.restarts, "defense": self.defense or "none", "threat": self.threat}
+        return {"input": self.name, "attack": ATTACK_TITLES[self.attack], "norm": self.norm if self.attacked else "none",
+                "eps": self.eps, "steps": self.steps,
+                "restarts": self.restarts, "defense": self.defense or "none", "threat": self.threat,
+                "corruption": self.corruption or "none", "severity": self.severity}
 
     def defended(self, defense: Defense) -> "InputKind":
         return replace(self, defense=defense.name)
@@ -194,6 +209,55 @@ class AttackSuite:
                            for d in self.defenses}
 
 
+class CorruptionSuite:
+    """The common corruptions (Hendrycks & Dietterich 2019; CIFAR-10-C's parameters, ``corruptions.py``)
+    on a seeded, class-stratified subset of the test set: each corruption at each severity, made once
+    per image and scored on every model under test, beside the same images uncorrupted.
+
+    Args:
+        corruptions: names from ``corruptions.CORRUPTIONS`` (all 15 by default), in the tables' order.
+        severities: from 1 to 5 (all by default).
+        images: the subset's size (None: every test image).
+        seed: seed of the subset and of the corruptions' random draws (per image, so the same in any batch).
+    """
+
+    def __init__(self, corruptions: Sequence[str] = CORRUPTIONS, severities: Sequence[int] = SEVERITIES,
+                 images: int | None = 1000, seed: int = 0) -> None:
+        for name in corruptions:
+            for severity in severities:
+                check_corruption(name, severity)
+        self.corruptions, self.severities, self.images, self.seed = list(corruptions), list(severities), images, seed
+
+    @property
+    def kinds(self) -> list[InputKind]:
+        """``corruption.clean`` (the subset uncorrupted), then each corruption at each severity."""
+        return [InputKind(threat="corruption", corruption="none")] + [
+            InputKind(threat="corruption", corruption=name, severity=severity)
+            for name in self.corruptions for severity in self.severities]
+
+    def __call__(self, kind: InputKind, images: Tensor, indices: Tensor) -> Tensor:
+        """``kind``'s images of the [0, 1] ``images`` (N, 3, H, W), whose test-set ``indices`` (N,) seed them."""
+        if kind.corruption == "none":
+            return images
+        return corrupt(images, kind.corruption, kind.severity, self.seed, indices)
+
+
+def mean_corruption_error(accuracy: dict[InputKind, float], baseline: dict[InputKind, float],
+                          relative: bool = False) -> float:
+    """Hendrycks & Dietterich 2019's mCE of a model against a ``baseline`` model, from the accuracies of
+    each on the same ``CorruptionSuite`` kinds: per corruption the errors summed over the severities,
+    divided by the baseline's, averaged over the corruptions (1.0: as the baseline; lower is better).
+    ``relative``: each error minus the model's own clean error (``corruption.clean``), the relative mCE,
+    which asks how much a model degrades rather than how many it gets wrong."""
+    def errors(of: dict[InputKind, float], name: str) -> float:
+        clean = 1 - next(a for k, a in of.items() if k.corruption == "none") if relative else 0.0
+        return sum(1 - a - clean for k, a in of.items() if k.corruption == name)
+
+    names = dict.fromkeys(k.corruption for k in accuracy if k.corruption not in (None, "none"))
+    ratios = [errors(accuracy, name) / errors(baseline, name) for name in names if errors(baseline, name) > 0]
+    return sum(ratios) / len(ratios) if ratios else float("nan")
+
+
 def stratified_subset(labels: Tensor, size: int | None, seed: int = 0) -> Tensor:
     """Sorted indices of ``size`` images (all for None), as nearly the same number of each class as
     the labels allow, drawn with a seeded generator: the same subset for the same labels and seed."""
@@ -217,17 +281,13 @@ def predicted_labels(model: nn.Module, images: Tensor) -> Tensor:
 
 
 def pgd_with_restarts(model: nn.Module, eps: float, steps: int, restarts: int, seed: int = 0,
-                      judge: Judge | None = None):
-    """``attack(images, labels)``: PGD from ``restarts`` random starts, each restart only on the
-    images the earlier ones did not fool (judged by ``judge``, by default ``model`` itself)."""
+                      judge: Judge | None = None, norm: str = "Linf"):
+    """``attack(images, labels)``: PGD under ``norm`` from ``restarts`` random starts, each restart only on
+    the images the earlier ones did not fool (judged by ``judge``, by default ``model`` itself)."""
     judge = judge or partial(predicted_labels, model)
-    attacks = {f"restart {r}": partial(_pgd_from, seed + r, model, eps, steps) for r in range(restarts)}
-    return lambda images, labels: attack_chain(attacks, judge, images, labels)[0]
-
-
-def _pgd_from(seed: int, model: nn.Module, eps: float, steps: int, images: Tensor, labels: Tensor) -> Tensor:
-    """One PGD restart, its random start drawn from ``seed``."""
-    return run_attack(pgd(model, eps, steps), images, labels, seed)
+    attack = pgd(model, eps, steps, norm=norm)
+    restarts = {f"restart {r}": partial(run_attack, attack, seed=seed + r) for r in range(restarts)}
+    return lambda images, labels: attack_chain(restarts, judge, images, labels)[0]
 
 
 RunUnit = Callable[[str, str, Callable[[], Tensor]], Tensor]
@@ -268,16 +328,19 @@ class StrongAttacks:
         defense_square: Square's queries through each defense after the adaptive PGD, on the images the
             caller marks (``sliced``), the black-box cross-check of BPDA: the adaptive row is then the
             worst of both per image. None: not run.
+        l2_eps: the L2 threat model's budget (RobustBench's: 0.5), or None for L∞ only: the chain again
+            under L2 from the clean images, FGM (FGSM's L2 form) first, then PGD-L2 and the ensemble.
     """
 
     def __init__(self, eps: float, defenses: Sequence[Defense], eps_sweep: Sequence[float] = (),
                  pgd_steps: int = 20, pgd_restarts: int = 1, ensemble: Sequence[str] = ("apgd-ce", "apgd-t"),
                  sweep_ensemble: bool = False, adaptive: bool = True, seed: int = 0,
-                 autoattack: str | None = None, defense_square: int | None = None) -> None:
+                 autoattack: str | None = None, defense_square: int | None = None,
+                 l2_eps: float | None = None) -> None:
         self.eps, self.defenses, self.eps_sweep = eps, list(defenses), list(eps_sweep)
         self.pgd_steps, self.pgd_restarts, self.ensemble = pgd_steps, pgd_restarts, list(ensemble)
         self.sweep_ensemble, self.adaptive, self.seed = sweep_ensemble, adaptive, seed
-        self.autoattack, self.defense_square = autoattack, defense_square
+        self.autoattack, self.defense_square, self.l2_eps = autoattack, defense_square, l2_eps
 
     def chain(self, eps: float) -> list[InputKind]:
         """The attacks after FGSM at budget ``eps``, each with the chain an image had to survive."""
@@ -286,6 +349,16 @@ class StrongAttacks:
         budgets = {"pgd": (self.pgd_steps, self.pgd_restarts)} | {m: ENSEMBLE_BUDGETS[m][1:] for m in self.ensemble}
         return [InputKind(member, eps, *budgets[member], threat="white-box", sweep=sweep,
                           worst_of=("fgsm", *members[: i + 1])) for i, member in enumerate(members)]
+
+    def l2_chain(self) -> list[InputKind]:
+        """The chain under L2 at ``l2_eps`` (none without it): FGM, PGD-L2, the ensemble, from the clean images."""
+        if self.l2_eps is None:
+            return []
+        members = ["fgm", "pgd", *self.ensemble]
+        budgets = {"fgm": (1, 1), "pgd": (self.pgd_steps, self.pgd_restarts)} | {
+            m: ENSEMBLE_BUDGETS[m][1:] for m in self.ensemble}
+        return [InputKind(member, self.l2_eps, *budgets[member], threat="white-box", worst_of=tuple(members[: i + 1]),
+                          norm="L2") for i, member in enumerate(members)]
 
     def autoattack_chain(self) -> list[InputKind]:
         """AutoAttack's members at ``eps`` (none without ``autoattack``), each with the chain before it."""
@@ -301,7 +374,7 @@ class StrongAttacks:
     def kinds(self) -> list[InputKind]:
         """The rows of a model with gradients, in the tables' order."""
         kinds = self.chain(self.eps) + self.autoattack_chain()
-        kinds += [kind for eps in self.eps_sweep for kind in self.chain(eps)]
+        kinds += [kind for eps in self.eps_sweep for kind in self.chain(eps)] + self.l2_chain()
         return kinds + ([self.adaptive_kind(d) for d in self.defenses] if self.adaptive else [])
 
     def without_gradients_kinds(self, surrogate: bool) -> list[InputKind]:
@@ -331,9 +404,9 @@ class StrongAttacks:
             masks |= robust
             if eps == self.eps:
                 worst = adversarial
-        if self.autoattack:
-            attacks = {kind.name: as_unit(run_unit, f"autoattack {kind.attack}", kind.name, self._attack(model, kind))
-                       for kind in self.autoattack_chain()}
+        for stage, chain in [("autoattack {}", self.autoattack_chain()), ("{} (L2)", self.l2_chain())]:
+            attacks = {kind.name: as_unit(run_unit, stage.format(kind.attack), kind.name, self._attack(model, kind))
+                       for kind in chain}
             masks |= attack_chain(attacks, judge, images, labels, standing[CLEAN.name])[1]
         for defense in self.defenses if self.adaptive else []:
             defended = ThroughDefense(model, defense)
@@ -357,11 +430,12 @@ class StrongAttacks:
         return masks, worst, evidence
 
     def _attack(self, model: nn.Module, kind: InputKind):
-        """``attack(images, labels)`` of a white-box ``kind``: PGD with restarts or an ensemble member."""
+        """``attack(images, labels)`` of a white-box ``kind``: FGM, PGD with restarts or an ensemble member."""
         if kind.attack == "pgd":
-            return pgd_with_restarts(model, kind.eps, self.pgd_steps, self.pgd_restarts, self.seed)
-        return lambda images, labels: run_attack(ensemble_member(kind.attack, model, kind.eps, self.seed), images,
-                                                 labels, self.seed)
+            return pgd_with_restarts(model, kind.eps, self.pgd_steps, self.pgd_restarts, self.seed, norm=kind.norm)
+        member = FGM(model, kind.eps) if kind.attack == "fgm" else \
+            ensemble_member(kind.attack, model, kind.eps, self.seed, norm=kind.norm)
+        return lambda images, labels: run_attack(member, images, labels, self.seed)
 
 
 @torch.inference_mode()
@@ -400,7 +474,7 @@ class RobustnessMetrics:
     def __init__(self, kinds: Sequence[InputKind], device: torch.device, num_classes: int = len(CLASSES)) -> None:
         self.accuracy = {k.name: MulticlassAccuracy(num_classes, average="micro").to(device) for k in kinds}
         self.success = {k.name: AttackSuccessRate().to(device) for k in kinds if k.attacked}
-        per_class = [k.name for k in kinds if not k.defense and not k.sweep]  # clean and FGSM at the main ε
+        per_class = [k.name for k in kinds if not (k.defense or k.sweep or k.corruption)]  # clean and FGSM at the main ε
         self.per_class = {n: MulticlassAccuracy(num_classes, average=None).to(device) for n in per_class}
         self.agreement = MulticlassAccuracy(num_classes, average="micro").to(device)
         self.images = SumMetric().to(device)

@@ -51,12 +51,14 @@ def robustbench_entry(rows: pd.DataFrame, about: About, tested_on: date | None =
     """The RobustBench entry of the first model under test from the study's ``rows`` (``Report.rows_with_kinds``)."""
     fp32 = rows[(rows.model == PRIMARY) & ~rows.kind.map(lambda kind: kind.sweep)].set_index("input", drop=False)
     clean, final = fp32.loc["clean"], autoattack_result(rows)
-    eps = final.eps if final is not None else fp32[fp32.attack != "none"].eps.max()
+    linf = fp32[fp32.kind.map(lambda kind: kind.attacked and kind.norm == "Linf")]  # the entry's threat model
+    eps = final.eps if final is not None else linf.eps.max()
     if final is not None:
         footnote = (f"AutoAttack ({final.kind.autoattack}: {final.worst_of.replace('+', ', ')}) on {final.images:,} "
                     f"class-stratified test images; clean accuracy on {clean.images:,}.")
     else:
-        footnote = "AutoAttack was not run (RobustnessEvaluation autoattack: null), so there is no autoattack_acc."
+        footnote = ("AutoAttack's standard version was not run (RobustnessEvaluation autoattack: standard runs it), so "
+                    "there is no autoattack_acc.")
     return {
         "name": about.name,
         "link": "",

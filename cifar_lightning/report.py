@@ -29,12 +29,14 @@ THREAT_NOTES = {
     "adaptive": "`adaptive` rows attack through the defense (its exact gradient where it has one, the identity where "
                 "not: BPDA).",
     "transfer": "int8 `transfer` rows score the FP32 model's worst-case images on the int8 model.",
+    "corruption": "`corruption.*` rows are the common corruptions of CIFAR-10-C (Hendrycks & Dietterich 2019) at each "
+                  "severity, on their own subset of `images`; `corruption.clean` is that subset uncorrupted.",
     "white-box (surrogate)": "int8 `white-box (surrogate)` rows attack a fake-quantized copy with the int8 model's own "
                              "scales and score the real int8 model.",
 }
-AUTOATTACK_NOTE = ("`autoattack.*` rows are AutoAttack's standard version as published (Croce & Hein 2020) and as "
-                   "RobustBench reports it: its members in order from the clean images, each on the images every "
-                   "earlier one left; its last row is the AutoAttack accuracy.")
+AUTOATTACK_NOTE = ("`autoattack.*` rows are AutoAttack's members (Croce & Hein 2020) at its standard version's budgets, "
+                   "in order from the clean images, each on the images every earlier one left; with all four "
+                   "(`autoattack: standard`, as RobustBench reports it) the last row is the AutoAttack accuracy.")
 
 
 def _cell(value: object) -> str:
@@ -57,8 +59,9 @@ _DEFENSE_COLUMNS = {"none": "clean", "non-adaptive": "recovery", "adaptive": "ad
 
 
 def autoattack_result(rows: pd.DataFrame) -> pd.Series | None:
-    """The FP32 model's AutoAttack row at the main ε (its last member's: the worst case), or None if it did not run."""
-    autoattack = rows[(rows.model == "fp32") & rows.kind.map(lambda kind: kind.autoattack is not None and not kind.sweep)]
+    """The FP32 model's AutoAttack row at the main ε (the standard version's last member: the worst case), or
+    None if the standard version did not run (a part of it is no AutoAttack accuracy)."""
+    autoattack = rows[(rows.model == "fp32") & rows.kind.map(lambda kind: kind.autoattack == "standard" and not kind.sweep)]
     return autoattack.iloc[-1] if not autoattack.empty else None
 
 
@@ -101,7 +104,7 @@ class Report:
                 continue
             if kind.defense:  # the defense's cost on clean images, its recovery against FGSM, its adaptive attack
                 row[f"{kind.defense}_{_DEFENSE_COLUMNS[kind.threat]}"] = accuracy[kind.name]
-            elif kind.threat not in ("none", "non-adaptive"):
+            elif kind.threat not in ("none", "non-adaptive", "corruption"):
                 row[f"{kind.name}_acc"] = accuracy[kind.name]  # the strong attacks at the main ε
 
     def add_flags(self, flags: list[Flag]) -> None:
@@ -122,7 +125,8 @@ class Report:
     def headline(self) -> dict[str, tuple[float, str]]:
         """The run in a few numbers, ``dashboard.HEADLINE`` tag → (accuracy, what it is), from the rows
         at the main ε: FP32 clean and under FGSM; under its strongest attack (the lowest accuracy any attack
-        leaves); AutoAttack's, when it ran; the best defense against the strongest attacker it met; each int8
+        leaves) for each threat model, L∞ and L2; its mean accuracy under the common corruptions;
+        AutoAttack's, when it ran; the best defense against the strongest attacker it met; each int8
         model, clean."""
         rows = self.rows_with_kinds()
         if rows.empty:
@@ -136,11 +140,16 @@ class Report:
             fgsm = by_input.loc["fgsm"]
             headline["test/fgsm_acc"] = (fgsm.acc, f"FGSM at ε = {fgsm.eps:.4f}, {fgsm.images:,} images")
         undefended = attacked[attacked.defense == "none"]
-        if not undefended.empty:
-            worst = _last_lowest(undefended)
-            chain = worst.get("worst_of")
-            attack = f"per image the worst of {chain}" if isinstance(chain, str) else worst.input
-            headline["test/strongest_attack_acc"] = (worst.acc, f"{attack} ({worst.images:,} images)")
+        for norm, tag in (("Linf", "test/strongest_attack_acc"), ("L2", "test/l2_acc")):
+            if (undefended.norm == norm).any():
+                worst = _last_lowest(undefended[undefended.norm == norm])
+                chain = worst.get("worst_of")
+                attack = f"per image the worst of {chain}" if isinstance(chain, str) else worst.input
+                headline[tag] = (worst.acc, f"{norm} ε = {worst.eps:.4g}: {attack} ({worst.images:,} images)")
+        corrupted = fp32[(fp32.threat == "corruption") & (fp32.corruption != "none")]
+        if not corrupted.empty:
+            headline["test/corruption_acc"] = (corrupted.acc.mean(), f"mean of {len(corrupted)} corruptions × severities, "
+                                                                     f"{corrupted.images.iloc[0]:,} images")
         final = autoattack_result(rows)
         if final is not None:
             what = f"AutoAttack ({final.kind.autoattack}: {final.worst_of}), {final.images:,} images"
@@ -296,17 +305,18 @@ def _bar_kind(kind: InputKind) -> str:
     """The bar chart's row of a results row: the strong attacks (and the transfer and white-box attacks
     on models without gradients) fold into their worst case."""
     if kind.threat in ("white-box", "transfer", "white-box (surrogate)"):
-        return "strongest attack (subset)"
+        return f"strongest attack, L2 ε = {kind.eps:g} (subset)" if kind.norm == "L2" else "strongest attack (subset)"
     name = {"none": "clean", "non-adaptive": "FGSM", "adaptive": "adaptive PGD"}[kind.threat]
     return f"{name} → {kind.defense}" if kind.defense else name
 
 
 def accuracy_bars(rows: pd.DataFrame, eps: float) -> plt.Figure:
     """The headline figure: a bar per model for each input kind at the main ε (the defenses on
-    attacked images; their cost on clean ones and the ε sweep stay in the tables).
+    attacked images; their cost on clean ones, the ε sweep and the corruptions stay in the tables and
+    :func:`corruption_bars`).
 
     ``rows``: ``Report``'s rows with their ``InputKind`` in column ``kind``."""
-    shown = rows[rows.kind.map(lambda kind: not kind.sweep and (kind.attacked or not kind.defense))]
+    shown = rows[rows.kind.map(lambda kind: not kind.sweep and not kind.corruption and (kind.attacked or not kind.defense))]
     table = (shown.assign(bar=shown.kind.map(_bar_kind)).groupby(["bar", "model"], sort=False).acc.min()
              .unstack("model"))
     models = list(dict.fromkeys(shown.model))
@@ -323,4 +333,28 @@ def accuracy_bars(rows: pd.DataFrame, eps: float) -> plt.Figure:
     axis.grid(axis="x", alpha=0.3)
     axis.legend(fontsize=9, loc="lower right")
     axis.set_title(f"Test accuracy at ε = {eps_label(eps)}", fontsize=11)
+    return figure
+
+
+def corruption_bars(rows: pd.DataFrame, title: str) -> plt.Figure:
+    """Accuracy under each common corruption, the mean over its severities, a bar per model (or per run:
+    the ``model`` column names the bars), beside the same images uncorrupted.
+
+    ``rows``: ``results.csv`` rows (``threat``, ``corruption``, ``severity``, ``model``, ``acc``)."""
+    shown = rows[rows.threat == "corruption"].replace({"corruption": {"none": "clean (same images)"}})
+    table = shown.groupby(["corruption", "model"], sort=False).acc.mean().unstack("model")
+    models = list(dict.fromkeys(shown.model))
+    figure, axis = plt.subplots(figsize=(6, 0.16 * len(table) * len(models) + 1.4), layout="constrained")
+    height = 0.8 / len(models)
+    for position, model in enumerate(models):
+        offsets = np.arange(len(table)) + (position - (len(models) - 1) / 2) * height
+        bars = axis.barh(offsets, table[model], height=height, label=model)
+        axis.bar_label(bars, labels=[f"{v:.0%}" for v in table[model]], fontsize=7, padding=2)
+    axis.set_yticks(np.arange(len(table)), [name.replace("_", " ") for name in table.index], fontsize=9)
+    axis.invert_yaxis()
+    axis.set_xlim(0, 1.1)
+    axis.xaxis.set_major_formatter(PercentFormatter(1.0))
+    axis.grid(axis="x", alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    axis.set_title(title, fontsize=10)
     return figure

@@ -34,6 +34,7 @@ from cifar_lightning.errors import ConfigError
 from cifar_lightning.evaluation import (
     CLEAN,
     AttackSuite,
+    CorruptionSuite,
     InputKind,
     ModelUnderTest,
     RobustAccuracy,
@@ -43,6 +44,7 @@ from cifar_lightning.evaluation import (
     StrongAttacks,
     as_unit,
     fgsm_kind,
+    mean_corruption_error,
     pgd_with_restarts,
     predict,
     predicted_labels,
@@ -52,7 +54,7 @@ from cifar_lightning.files import write_atomic
 from cifar_lightning.journal import Journal
 from cifar_lightning.model_card import About, entry_json, model_card, robustbench_entry
 from cifar_lightning.quantization import cpu_latency, state_dict_megabytes
-from cifar_lightning.report import Report, accuracy_bars, eps_curve, prediction_figure, sample_grid
+from cifar_lightning.report import Report, accuracy_bars, corruption_bars, eps_curve, prediction_figure, sample_grid
 
 Gather = Callable[[object], list]
 """An object from this process → the list of every process's (under DDP: ``all_gather_object``)."""
@@ -75,6 +77,7 @@ class Study:
         self.attacks: AttackSuite | None = None
         self.strong: StrongAttacks | None = None
         self.checks: AttackChecks | None = None
+        self.corruptions: CorruptionSuite | None = None
         self.subset_size: int | None = None
         self.seed = 0
         self.sample: str | int | None = None
@@ -104,6 +107,10 @@ class Study:
         attack-failure checks to run beside the strong attacks (``checks.AttackChecks``)."""
         self.attacks, self.strong, self.subset_size, self.seed, self.sample = attacks, strong, subset, seed, sample
         self.checks = checks if strong is not None else None
+
+    def set_corruptions(self, corruptions: CorruptionSuite) -> None:
+        """The common corruptions, scored on every model under test on their own subset."""
+        self.corruptions = corruptions
 
     def add_model(self, model: ModelUnderTest) -> None:
         if self.begun:
@@ -146,6 +153,10 @@ class Study:
         self.metrics = {name: RobustnessMetrics(self.kinds(model), device) for name, model in self.models.items()}
         self.subset_indices = set(stratified_subset(labels, self.subset_size, self.seed).tolist())
         self.subset: dict = {"index": [], "images": [], "labels": [], "standing": {name: [] for name in self.models}}
+        corruptions = self.corruptions
+        self.corrupted_indices = set(stratified_subset(labels, corruptions.images, corruptions.seed).tolist()) \
+            if corruptions else set()
+        self.corrupted: dict = {"index": [], "images": [], "labels": []}  # the corruptions' subset, clean
         self.samples: dict[int, dict] = {}  # test index → images and each model's predictions
         for model in self.models.values():
             self._measure(model)
@@ -165,8 +176,9 @@ class Study:
         defenses = [(type(d).__qualname__, sorted(vars(d).items())) for d in (self.attacks.defenses if self.attacks else [])]
         strong = vars(self.strong) | {"defenses": None} if self.strong is not None else None
         checks = vars(self.checks) if self.checks is not None else None
+        corruptions = vars(self.corruptions) if self.corruptions is not None else None
         digest.update(repr((labels.tolist(), list(order), self.batch_size, [self.kinds(m) for m in self.models.values()],
-                            defenses, strong, checks, sorted(self.subset_indices), self.sample)).encode())
+                            defenses, strong, checks, corruptions, sorted(self.subset_indices), self.sample)).encode())
         return digest.hexdigest()
 
     def _measure(self, model: ModelUnderTest) -> None:
@@ -191,6 +203,8 @@ class Study:
         self.samples |= record["samples"]
         for key, part in record["subset"].items():
             self.subset[key].append(part)
+        for key, part in record["corrupted"].items():
+            self.corrupted[key].append(part)
         for name, part in record["standing"].items():
             self.subset["standing"][name].append(part)
 
@@ -209,6 +223,7 @@ class Study:
             probabilities[name] = {kind.name: found[kind.name].to(labels.device) for kind in self.kinds(model)}
         positions = torch.tensor([p for p, index in enumerate(indices) if index in self.subset_indices],
                                  dtype=torch.long, device=labels.device)
+        corrupted = [p for p, index in enumerate(indices) if index in self.corrupted_indices]
         return {
             "preds": {name: {kind: p.argmax(dim=1) for kind, p in found.items()} for name, found in probabilities.items()},
             "samples": self._new_samples(indices, labels, inputs, probabilities) if self.attacks is not None else {},
@@ -216,6 +231,8 @@ class Study:
                        "labels": labels[positions]} if self.strong is not None else {},
             "standing": {name: {kind: right[positions] for kind, right in self.attacks.standing(found, labels).items()}
                          for name, found in probabilities.items()} if self.strong is not None else {},
+            "corrupted": {"index": torch.tensor(indices)[corrupted], "images": images[corrupted],
+                          "labels": labels[corrupted]} if corrupted else {},
             "seconds": dict(timer.seconds),
         }
 
@@ -267,15 +284,18 @@ class Study:
                 self.accuracy = dict(results["acc"])
             if self.strong is not None:
                 self._strong_attacks(model, progress)
+        if self.corruptions is not None:
+            self._corruption_study(progress)
         self.samples = dict(sorted({index: sample for part in gather(self.samples)
                                     for index, sample in part.items()}.items()))
         if self.journal.replayed:
             self.note(f"resumed: {self.journal.replayed} finished units of work (test batches, attack members) of "
                       f"the interrupted run were read back from its journal")
 
-    def _subset_batches(self, description: str, progress: bool) -> Iterable[slice]:
-        """Slices of the subset, one test batch each (random starts are drawn per batch)."""
-        starts = range(0, len(self.subset["labels"]), self.batch_size)
+    def _subset_batches(self, description: str, progress: bool, size: int | None = None) -> Iterable[slice]:
+        """Slices of the subset (of ``size`` images: by default the strong attacks'), one test batch each
+        (random starts are drawn per batch)."""
+        starts = range(0, len(self.subset["labels"]) if size is None else size, self.batch_size)
         for start in tqdm(starts, desc=description, disable=not progress, leave=False):
             yield slice(start, start + self.batch_size)
 
@@ -321,6 +341,38 @@ class Study:
             self.report.add_model_info(model.name, surrogate_agreement=agreement.compute().item())
         if model is self.primary:
             self.accuracy |= results["acc"] | {"clean (subset)": results["clean_acc"]}
+
+    def _corruption_study(self, progress: bool) -> None:
+        """Every model under test on each corruption of the corruptions' subset, each corrupted image made
+        once; per model the mean accuracy over the corruptions, and against the first model its mCE."""
+        collected = {key: torch.cat(parts) for key, parts in self.corrupted.items() if parts}
+        kinds = self.corruptions.kinds
+        metrics = {name: RobustnessMetrics(kinds, self.device) for name in self.models}
+        for part in self._subset_batches("common corruptions", progress, len(collected.get("labels", []))):
+            images, labels, indices = (collected[key][part] for key in ("images", "labels", "index"))
+            found = {kind.name: self._unit(f"corruption {kind.corruption}" if kind.corruption != "none" else
+                                           "corruption subset, clean", f"corruptions{int(indices[0])}/{kind.name}",
+                                           partial(self._corrupted_predictions, kind, images, labels, indices))
+                     for kind in kinds}
+            for name, metric in metrics.items():
+                metric.update({kind: predictions[name] for kind, predictions in found.items()}, labels)
+        accuracy = {}
+        for name, metric in metrics.items():
+            results = metric.compute()
+            self.report.add(name, results, kinds)
+            accuracy[name] = {kind: results["acc"][kind.name] for kind in kinds}
+            corrupted = [a for kind, a in accuracy[name].items() if kind.corruption != "none"]
+            info = {"corruption_acc": sum(corrupted) / len(corrupted)}
+            if name != self.primary.name:
+                first = accuracy[self.primary.name]
+                info |= {"mce_vs_fp32": mean_corruption_error(accuracy[name], first),
+                         "relative_mce_vs_fp32": mean_corruption_error(accuracy[name], first, relative=True)}
+            self.report.add_model_info(name, **info)
+
+    def _corrupted_predictions(self, kind: InputKind, images: Tensor, labels: Tensor, indices: Tensor) -> dict:
+        corrupted = self.corruptions(kind, images, indices)
+        return {name: predicted_labels(model.model, corrupted.to(model.device)).to(labels.device)
+                for name, model in self.models.items()}
 
     def _flagged_rows(self) -> dict[str, list[str]]:
         """The input names each kind of check marks (``checks.Check.rows``)."""
@@ -389,9 +441,14 @@ class Study:
         return sample | {"index": index}
 
     def figures(self) -> dict[str, Figure]:
+        figures = {}
+        if self.corruptions is not None:
+            figures["corruption_bars"] = corruption_bars(
+                self.report.details(), "Accuracy under the common corruptions, mean over severities "
+                                       f"({self.corruptions.images or 'all'} test images)")
         if self.attacks is None:
-            return {}
-        figures = {"accuracy_bars": accuracy_bars(self.report.rows_with_kinds(), self.attacks.eps),
+            return figures
+        figures |= {"accuracy_bars": accuracy_bars(self.report.rows_with_kinds(), self.attacks.eps),
                    "eps_curve": eps_curve(*self.eps_curves(), self.primary.name)}
         sample = self.main_sample()
         if sample is not None:

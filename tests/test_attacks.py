@@ -7,13 +7,18 @@ import pytest
 import torch
 from torch import nn
 
+import torchattacks
+
 from cifar_lightning.attacks import (
+    APGDT,
+    FGM,
     ThroughDefense,
     attack_chain,
     ensemble_member,
     fgsm,
     fgsm_at_budgets,
     pgd,
+    project,
     run_attack,
 )
 from cifar_lightning.data import load_cifar10
@@ -89,7 +94,9 @@ def test_fgsm_at_several_budgets_from_one_gradient_is_torchattacks_fgsm_at_each(
 
 
 @pytest.mark.parametrize("make", [lambda m: fgsm(m, 0.03), lambda m: pgd(m, 0.03, steps=3),
-                                  lambda m: ensemble_member("apgd-ce", m, 0.03),
+                                  lambda m: ensemble_member("apgd-ce", m, 0.03), lambda m: FGM(m, 0.5),
+                                  lambda m: pgd(m, 0.5, steps=3, norm="L2"),
+                                  lambda m: ensemble_member("apgd-t", m, 0.5, norm="L2"),
                                   lambda m: ThroughDefense(m, MedianFilter(3))])
 def test_an_attack_leaves_the_model_exactly_as_it_found_it(model, make):
     """Modes of every submodule (a wrapper's too), BatchNorm statistics, weights, gradients, and
@@ -197,8 +204,78 @@ def test_strong_attacks_are_at_least_as_strong_as_weak_ones(trained):
     assert _accuracy(net, restarts(images, labels), labels) <= accuracy["pgd3"] + 1 / 128
 
 
+L2_ATTACKS = {
+    "fgm": lambda m, eps: FGM(m, eps),
+    "pgd": lambda m, eps: pgd(m, eps, steps=5, norm="L2"),
+    **{name: lambda m, eps, name=name: _cheap(ensemble_member(name, m, eps, norm="L2"))
+       for name in ("apgd-ce", "apgd-t", "fab-t", "square")},
+}
+
+
+def _cheap(attack):
+    """An ensemble member with a few steps (queries), for the shape of its output only."""
+    attack.steps = attack.n_queries = 5
+    attack.n_target_classes = 2
+    return attack
+
+
+@pytest.mark.parametrize("name", L2_ATTACKS)
+def test_l2_attacks_stay_within_the_l2_ball_and_the_pixel_range(model, name):
+    images, labels = _batch()
+    model.eval()
+    adversarial = run_attack(L2_ATTACKS[name](model, 0.5), images, labels)
+    assert (adversarial - images).flatten(1).norm(dim=1).max() <= 0.5 * (1 + 1e-5)
+    assert adversarial.min() >= 0 and adversarial.max() <= 1 and adversarial.shape == images.shape
+
+
+def test_l2_projection_shortens_only_what_is_outside_the_ball():
+    clean = torch.full((3, 3, 4, 4), 0.5)
+    step = torch.zeros_like(clean)
+    step[0, 0, 0, 0], step[1, 0, 0, 0], step[2] = 0.3, 0.1, 0.01  # lengths 0.3, 0.1, √48·0.01 ≈ 0.069
+    projected = project(clean + step, clean, eps=0.2, norm="L2")
+    assert projected[0, 0, 0, 0].item() == pytest.approx(0.7)  # shortened to the radius
+    assert torch.equal(projected[1:], (clean + step)[1:])  # inside: untouched
+
+
+def test_apgd_t_steps_each_image_by_its_own_step_size(monkeypatch):
+    """torchattacks' APGD-T steps a whole L2 batch by the first image's step size; the project's does
+    not: from a fixed start, an image's result does not depend on the images beside it. Under L∞ it is
+    torchattacks' APGD-T exactly."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.Tanh(), nn.Linear(32, 10)).eval()
+    images, labels = _batch()
+    monkeypatch.setattr(torch, "randn", lambda *shape, **kw: torch.zeros(*shape))  # APGD's L2 random start: x itself
+
+    def one_by_one(make):
+        return torch.cat([run_attack(make(), images[i:i + 1], labels[i:i + 1]) for i in range(len(labels))])
+
+    def project_s():
+        return APGDT(net, norm="L2", eps=1.0, steps=20, n_classes=10)
+
+    torch.testing.assert_close(run_attack(project_s(), images, labels), one_by_one(project_s), atol=1e-5, rtol=0)
+    theirs = lambda: torchattacks.APGDT(net, norm="L2", eps=1.0, steps=20, n_classes=10)
+    assert (run_attack(theirs(), images, labels) - one_by_one(theirs)).abs().max() > 1e-3  # the bug, still there
+    linf = [make(net, norm="Linf", eps=8 / 255, steps=10, n_classes=10) for make in (APGDT, torchattacks.APGDT)]
+    assert torch.equal(*(run_attack(attack, images, labels) for attack in linf))
+
+
+def test_l2_attacks_are_monotone_in_eps_and_stronger_than_fgm(trained):
+    net, images, labels = trained
+    images, labels = images[:64], labels[:64]
+    by_eps = [_accuracy(net, run_attack(pgd(net, eps, 10, norm="L2"), images, labels), labels)
+              for eps in (0.05, 0.1, 0.25, 0.5)]
+    assert by_eps == sorted(by_eps, reverse=True) and by_eps[0] > 0.3  # something to attack at the smallest
+    assert _accuracy(net, run_attack(pgd(net, 4.0, 10, norm="L2"), images, labels), labels) <= 0.02
+    fgm = _accuracy(net, run_attack(FGM(net, 0.1), images, labels), labels)
+    assert by_eps[1] <= fgm
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda m: fgsm(m, eps=-0.1), "eps=-0.1 must be in"),
+    (lambda m: pgd(m, 0.5, norm="L1"), "norm='L1' is not a threat model"),
+    (lambda m: pgd(m, float("nan"), norm="L2"), "eps=nan must be a positive number"),
+    (lambda m: FGM(m, 0.0), "eps=0.0 must be a positive number"),
+    (lambda m: ensemble_member("apgd-ce", m, -1.0, norm="L2"), "eps=-1.0 must be a positive number"),
     (lambda m: fgsm(m, eps=float("nan")), "eps=nan must be in"),
     (lambda m: pgd(m, steps=0), "steps=0 must be an integer >= 1"),
     (lambda m: ensemble_member("apgd-x", m, 0.03), "unknown attack 'apgd-x'"),

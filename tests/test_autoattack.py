@@ -77,7 +77,7 @@ def test_the_standard_version_runs_its_four_members_in_order_from_the_clean_imag
 
 
 def test_an_unknown_autoattack_version_is_refused_naming_it():
-    with pytest.raises(ValueError, match=r"autoattack='plus' is not an AutoAttack version; choose standard"):
+    with pytest.raises(ValueError, match=r"autoattack='plus' is not an AutoAttack version; choose standard, apgd"):
         RobustnessEvaluation(autoattack="plus")
 
 
@@ -108,6 +108,28 @@ def test_the_robustbench_entry_carries_autoattacks_number_and_what_it_is_over():
 def test_without_autoattack_the_entry_has_no_autoattack_number():
     report = _report(None)
     entry = robustbench_entry(report.rows_with_kinds(), About("improvedcnn_cifar10", "ImprovedCNN"))
-    assert entry["autoattack_acc"] is None and "AutoAttack was not run" in entry["footnote"]
+    assert entry["autoattack_acc"] is None and "standard version was not run" in entry["footnote"]
     assert entry["clean_acc"] == "86.74" and "test/autoattack_acc" not in report.headline()
     assert "| AutoAttack | not run |" in model_card(entry, report.headline())
+
+
+def test_the_apgd_version_runs_the_first_two_members_and_gives_no_autoattack_number():
+    strong = StrongAttacks(8 / 255, [], ensemble=["apgd-ce"], adaptive=False, autoattack="apgd")
+    assert [kind.name for kind in strong.autoattack_chain()] == ["autoattack.apgd-ce", "autoattack.apgd-t"]
+    assert strong.autoattack_chain()[-1].steps == 100  # the standard version's budget
+    report = Report()
+    report.add("fp32", {"acc": {"clean": 0.8674}, "attack_success": {}, "images": 10_000}, [CLEAN])
+    report.add("fp32", {"acc": dict(zip([kind.name for kind in strong.kinds], [0.42, 0.40, 0.45, 0.41])),
+                        "attack_success": {}, "images": 1000, "clean_acc": 0.85}, strong.kinds)
+    entry = robustbench_entry(report.rows_with_kinds(), About("improvedcnn_cifar10_adv", "ImprovedCNN"))
+    assert entry["autoattack_acc"] is None and "test/autoattack_acc" not in report.headline()
+
+
+def test_the_entrys_eps_is_the_linf_budget_when_l2_rows_are_there_too():
+    strong = StrongAttacks(8 / 255, [], ensemble=["apgd-ce"], adaptive=False, l2_eps=0.5)
+    report = Report()
+    report.add("fp32", {"acc": {"clean": 0.8674}, "attack_success": {}, "images": 10_000}, [CLEAN])
+    report.add("fp32", {"acc": {kind.name: 0.3 for kind in strong.kinds}, "attack_success": {}, "images": 1000,
+                        "clean_acc": 0.85}, strong.kinds)
+    entry = robustbench_entry(report.rows_with_kinds(), About("improvedcnn_cifar10_adv", "ImprovedCNN"))
+    assert (entry["threat_model"], entry["eps"]) == ("Linf", "8/255")

@@ -58,6 +58,15 @@ def test_fast_and_adversarial_configs_layer_over_the_default(tmp_path):
     assert adversarial["model"]["adversarial"] == "n_fgsm" and adversarial["model"]["val_attack_images"] == 1000
     assert callback_args(adversarial, "ModelCheckpoint", filename="best")["monitor"] == "val/pgd_acc"
     assert callback_args(adversarial, "RobustnessEvaluation")["eps"] == adversarial["model"]["adversarial_eps"]
+    assert callback_args(adversarial, "CorruptionEvaluation")["images"] == 1000  # the robust weights' third track
+
+
+def test_the_tracks_config_runs_robustbenchs_three_tracks_at_their_budgets(tmp_path):
+    tracks = _printed_config(tmp_path, "--config", str(CONFIG.with_name("tracks.yaml")))
+    robustness = callback_args(tracks, "RobustnessEvaluation")
+    assert (robustness["eps"], robustness["l2_eps"]) == (8 / 255, 0.5) and robustness["defenses"] == []
+    assert callback_args(tracks, "CorruptionEvaluation")["images"] == 1000
+    assert callback_args(tracks, "QuantizationEvaluation")["static"]  # the int8 copies on every track
 
 
 def test_the_one_cycle_schedule_steps_every_batch_over_the_whole_fit(cifar_slice, tmp_path):

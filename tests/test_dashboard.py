@@ -58,7 +58,8 @@ def test_scalars_tab_has_the_training_curves_and_only_the_headline_of_the_test(d
 
 def test_images_tab_serves_the_figures_as_png(dashboard):
     tags = dashboard("/data/plugin/images/tags")
-    assert set(tags["test"]) == {"test/accuracy_bars", "test/sample", "test/samples_grid", "test/eps_curve"}
+    assert set(tags["test"]) == {"test/accuracy_bars", "test/sample", "test/samples_grid", "test/eps_curve",
+                                 "test/corruption_bars"}
     [entry] = dashboard(f"/data/plugin/images/images?{_query(run='test', tag='test/accuracy_bars', sample='0')}")
     png = dashboard(f"/data/plugin/images/individualImage?{entry['query']}")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"

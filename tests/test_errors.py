@@ -49,6 +49,8 @@ def _in_tmp_path(tmp_path, monkeypatch):
                                                          "check 'gradients'; choose from randomised, logits, "
                                                          "zero_gradients, convergence, large_eps, black_box"),
         ("RobustnessEvaluation", "square_queries", 0, "RobustnessEvaluation: square_queries=0 must be an integer >= 1"),
+        ("RobustnessEvaluation", "l2_eps", 0, "RobustnessEvaluation: l2_eps=0.0 must be a positive number (L2 length"),
+        ("RobustnessEvaluation", "l2_eps", float("nan"), "RobustnessEvaluation: l2_eps=nan must be a positive number"),
         ("GaussianBlur", "kernel_size", 4, "GaussianBlur: kernel_size=4 must be an odd integer >= 3"),
         ("MedianFilter", "kernel_size", 1, "MedianFilter: kernel_size=1 must be an odd integer >= 3"),
         ("JpegCompression", "quality", 0, "JpegCompression: quality=0 must be an integer in 1..95"),

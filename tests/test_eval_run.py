@@ -30,8 +30,10 @@ def test_test_run_logs_the_headline_once_and_it_matches_the_tables(tested_run):
     assert logged["test/fgsm_acc"] == [pytest.approx(acc["fp32", "fgsm"])]
     undefended = table[(table.model == "fp32") & (table.defense == "none") & (table.attack != "none")
                        & ~table.input.str.contains("_eps")]
-    assert logged["test/strongest_attack_acc"] == [pytest.approx(undefended.acc.min())]
+    linf, l2 = (undefended[undefended.norm == norm] for norm in ("Linf", "L2"))
+    assert logged["test/strongest_attack_acc"] == [pytest.approx(linf.acc.min())]  # each threat model its own
     assert logged["test/strongest_attack_acc"][0] <= acc["fp32", "apgd-t"] <= acc["fp32", "pgd"] + 1e-9
+    assert logged["test/l2_acc"] == [pytest.approx(l2.acc.min())] and (l2.eps == 0.5).all()
     defended = table[(table.model == "fp32") & (table.defense != "none") & (table.attack != "none")
                      & ~table.input.str.contains("_eps")]
     assert logged["test/best_defense_acc"] == [pytest.approx(defended.groupby("defense").acc.min().max())]
@@ -86,7 +88,7 @@ def test_per_class_accuracy_averages_to_the_overall_accuracy(tested_run, cifar_s
 def test_figures_are_written_and_logged(tested_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    names = ("accuracy_bars", "sample", "eps_curve", "samples_grid")
+    names = ("accuracy_bars", "sample", "eps_curve", "samples_grid", "corruption_bars")
     for name in names:
         assert (tested_run / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     events = EventAccumulator(str(tested_run), size_guidance={"images": 0, "tensors": 0})
@@ -106,7 +108,11 @@ def test_strong_attacks_run_on_the_subset_and_their_masks_recompute_the_table(te
         assert table.loc[(model, name), "images"] == 64
         assert table.loc[(model, name), "acc"] == pytest.approx(masks[column].mean()), column
     # The chain: an image robust under an attack survived every attack before it.
-    assert (masks["fp32/apgd-t"] <= masks["fp32/apgd-ce"]).all() and (masks["fp32/apgd-ce"] <= masks["fp32/pgd"]).all()
+    for chain in (["pgd", "apgd-ce", "apgd-t"], ["l2.fgm", "l2.pgd", "l2.apgd-ce", "l2.apgd-t"]):  # L∞, L2
+        for before, after in zip(chain, chain[1:]):
+            assert (masks[f"fp32/{after}"] <= masks[f"fp32/{before}"]).all(), (before, after)
+            assert table.loc[("fp32", after), "acc"] == pytest.approx(masks[f"fp32/{after}"].mean())
+    assert table.loc[("fp32", "l2.apgd-t"), "worst_of"] == "fgm+pgd+apgd-ce+apgd-t"
     assert table.loc[("fp32", "pgd"), "worst_of"] == "fgsm+pgd"
     assert table.loc[("fp32", "adaptive/jpeg_q30"), "threat"] == "adaptive"
     assert table.loc[("int8_static", "whitebox"), "threat"] == "white-box (surrogate)"
@@ -155,7 +161,8 @@ def test_ddp_test_run_counts_each_image_once_and_matches_one_process(cifar_slice
     ddp, single = (pd.read_csv(run / "results.csv").set_index(["model", "input"]) for run in (ddp_run, tested_run))
     every_image = ddp.threat.isin(["none", "non-adaptive"])
     assert (ddp.images[every_image] == 256).all()  # 2 ranks × uneven shards (100 + 28 each), no repeats
-    assert (ddp.images[~every_image] == 64).all()
+    corrupted = ddp.threat == "corruption"
+    assert (ddp.images[corrupted] == 32).all() and (ddp.images[~every_image & ~corrupted] == 64).all()
     # FP32 only: int8_dynamic quantizes activations with each batch's range, and DDP batches differently.
     fp32 = every_image & (ddp.index.get_level_values("model") == "fp32")
     pd.testing.assert_series_equal(ddp.acc[fp32], single.acc[fp32], atol=1e-6)
@@ -198,7 +205,7 @@ def test_values_beyond_the_test_set_stop_with_one_line(cifar_slice, fitted_run, 
 def test_compare_studies_puts_each_run_in_its_own_column(tested_run, tmp_path):
     import shutil
 
-    from scripts.compare_studies import every_input, per_class
+    from scripts.compare_studies import corruption_figure, every_input, per_class, tracks
 
     other = tmp_path / "other"
     shutil.copytree(tested_run, other, ignore=shutil.ignore_patterns("events.*", "*.png"))
@@ -216,3 +223,13 @@ def test_compare_studies_puts_each_run_in_its_own_column(tested_run, tmp_path):
     classes = per_class({"run": tested_run})
     masks = pd.read_csv(tested_run / "robust_masks.csv")
     assert list(classes.columns) == ["run: clean", f"run: apgd-t chain ({len(masks):,})"]
+    # The three tracks: each study's models, their strongest L∞ and L2 attack, the corruptions' mean and mCE.
+    three = tracks({"run": tested_run, "edited": other})
+    fp32 = original[original.model == "fp32"]
+    l2 = fp32[fp32.norm == "L2"].acc.min()
+    corrupted = fp32[(fp32.threat == "corruption") & (fp32.corruption != "none")].acc.mean()
+    assert three.loc[("run", "fp32"), ["L2", "corruptions", "mCE"]].tolist() == [f"{l2:.2%} at ε = 0.5",
+                                                                                 f"{corrupted:.2%}", "1.000"]
+    assert three.loc[("edited", "fp32"), "clean"] == "50.00%" and three.loc[("run", "int8_static"), "L2"] == ""
+    corruption_figure({"run": tested_run, "edited": other}, tmp_path / "corruptions.png")
+    assert (tmp_path / "corruptions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -73,8 +73,9 @@ def test_suite_makes_each_input_kind_once_and_describes_it():
     assert {"fgsm_eps0.0078/median_k3", "clean/jpeg_q30"} <= set(inputs)
     assert (inputs["fgsm"] - images).abs().max() <= 0.03 + 1e-6
     torch.testing.assert_close(inputs["fgsm/jpeg_q30"], JpegCompression(30)(inputs["fgsm"]))
-    assert kinds["fgsm/jpeg_q30"].row() == {"input": "fgsm/jpeg_q30", "attack": "FGSM", "eps": 0.03, "steps": 1,
-                                            "restarts": 1, "defense": "jpeg_q30", "threat": "non-adaptive"}
+    assert kinds["fgsm/jpeg_q30"].row() == {"input": "fgsm/jpeg_q30", "attack": "FGSM", "norm": "Linf", "eps": 0.03,
+                                            "steps": 1, "restarts": 1, "defense": "jpeg_q30", "threat": "non-adaptive",
+                                            "corruption": "none", "severity": 0}
     assert kinds["fgsm_eps0.0078"].eps == 2 / 255  # exact: the name rounds, the value does not
     assert kinds["clean"].threat == "none" and not kinds["clean/jpeg_q30"].attacked
     assert set(timer.seconds) >= {"fgsm", "defense jpeg_q30"}
@@ -102,6 +103,11 @@ def test_strong_attacks_describe_their_rows_and_start_where_fgsm_left_off():
     assert kinds["apgd-ce"].worst_of == ("fgsm", "pgd", "apgd-ce") and kinds["apgd-ce"].steps == 100
     assert kinds["adaptive/median_k3"].threat == "adaptive" and kinds["adaptive/median_k3"].defense == "median_k3"
     assert (kinds["pgd_eps0.0078"].steps, kinds["pgd_eps0.0078"].eps) == (5, 2 / 255)
+    l2 = StrongAttacks(0.03, [], pgd_steps=5, ensemble=["apgd-ce"], l2_eps=0.5).l2_chain()
+    assert [(kind.name, kind.norm, kind.eps) for kind in l2] == [("l2.fgm", "L2", 0.5), ("l2.pgd", "L2", 0.5),
+                                                                  ("l2.apgd-ce", "L2", 0.5)]
+    assert l2[-1].worst_of == ("fgm", "pgd", "apgd-ce") and l2[-1].row()["norm"] == "L2"
+    assert "l2.pgd" not in kinds  # L2 only when asked for
     transfer, whitebox = strong.without_gradients_kinds(surrogate=True)
     assert (transfer.name, transfer.worst_of, whitebox.name) == ("transfer", ("fgsm", "pgd", "apgd-ce"), "whitebox")
     suite = AttackSuite(0.03, [median], eps_sweep=[2 / 255])
