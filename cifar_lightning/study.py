@@ -443,9 +443,9 @@ class Study:
     def figures(self) -> dict[str, Figure]:
         figures = {}
         if self.corruptions is not None:
+            images = f"{self.corruptions.images:,} test images" if self.corruptions.images else "every test image"
             figures["corruption_bars"] = corruption_bars(
-                self.report.details(), "Accuracy under the common corruptions, mean over severities "
-                                       f"({self.corruptions.images or 'all'} test images)")
+                self.report.details(), f"Accuracy under the common corruptions,\nmean over severities ({images})")
         if self.attacks is None:
             return figures
         figures |= {"accuracy_bars": accuracy_bars(self.report.rows_with_kinds(), self.attacks.eps),

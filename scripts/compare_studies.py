@@ -118,7 +118,7 @@ def corruption_figure(studies: dict[str, Path], path: Path) -> None:
     rows = pd.concat(pd.read_csv(folder / "results.csv").query("model == 'fp32'").assign(model=label)
                      for label, folder in studies.items())
     images = rows.images[rows.threat == "corruption"].iloc[0]
-    corruption_bars(rows, f"FP32 accuracy per common corruption, mean over severities 1-5 ({images:,} images)"
+    corruption_bars(rows, f"FP32 accuracy per common corruption,\nmean over severities 1-5 ({images:,} images)"
                     ).savefig(path, dpi=120)
     print(f"wrote {path}")
 
