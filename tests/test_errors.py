@@ -44,7 +44,7 @@ def _in_tmp_path(tmp_path, monkeypatch):
         ("RobustnessEvaluation", "eps_sweep", [2 / 255, -0.1], "RobustnessEvaluation: eps_sweep=-0.1 must be in [0, 1] "
                                                               "(pixel scale"),
         ("RobustnessEvaluation", "autoattack", "plus", "RobustnessEvaluation: autoattack='plus' is not an AutoAttack "
-                                                     "version; choose standard, or null for none"),
+                                                     "version; choose standard, apgd, or null for none"),
         ("RobustnessEvaluation", "checks", ["gradients"], "RobustnessEvaluation: checks=['gradients'] has unknown "
                                                          "check 'gradients'; choose from randomised, logits, "
                                                          "zero_gradients, convergence, large_eps, black_box"),
