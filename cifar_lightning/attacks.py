@@ -43,9 +43,14 @@ SQUARE_SETTINGS = {"p_init": 0.8, "loss": "margin", "resc_schedule": False}
 NORMS = ("Linf", "L2")
 
 
-def check_norm(owner: str, norm: str, name: str = "norm") -> None:
+def check_budget(owner: str, eps: float, norm: str) -> None:
+    """Refuse an unknown threat model, then a budget that threat model cannot take."""
     if norm not in NORMS:
-        raise ValueError(f"{owner}: {name}={norm!r} is not a threat model; choose from {', '.join(NORMS)}")
+        raise ValueError(f"{owner}: norm={norm!r} is not a threat model; choose from {', '.join(NORMS)}")
+    if norm == "Linf":
+        check_eps(owner, eps)
+    else:
+        check_l2_eps(owner, eps)
 
 
 def check_l2_eps(owner: str, eps: float, name: str = "eps") -> None:
@@ -130,8 +135,7 @@ def pgd(model: nn.Module, eps: float = 8 / 255, steps: int = 10, alpha: float | 
     steps of size ``alpha`` (default 2.5·ε/steps), each projected back into the ball of radius ε and
     into [0, 1]; the standard strong first-order attack. L∞: signed-gradient steps
     (``torchattacks.PGD``); L2: steps along the gradient normalised to length ``alpha`` (``torchattacks.PGDL2``)."""
-    check_norm("pgd", norm)
-    check_eps("pgd", eps) if norm == "Linf" else check_l2_eps("pgd", eps)
+    check_budget("pgd", eps, norm)
     check_at_least_one("pgd", steps=steps)
     alpha = 2.5 * eps / steps if alpha is None else alpha
     if not alpha > 0:
@@ -193,8 +197,7 @@ def ensemble_member(name: str, model: nn.Module, eps: float, seed: int = 0, num_
     official implementation's settings (:data:`FAB_SETTINGS`, :data:`SQUARE_SETTINGS`), under the
     ``norm`` of the threat model (the same budgets for L2, as the official standard version).
     torchattacks' own ``AutoAttack`` runs its members with 10 steps; these are the paper's."""
-    check_norm(name, norm)
-    check_eps(name, eps) if norm == "Linf" else check_l2_eps(name, eps)
+    check_budget(name, eps, norm)
     if name not in ENSEMBLE_BUDGETS:
         raise ValueError(f"unknown attack {name!r}; the ensemble's members are {', '.join(ENSEMBLE_MEMBERS)}")
     _, steps, restarts = ENSEMBLE_BUDGETS[name]
