@@ -3,7 +3,6 @@
 import lightning as L
 
 from callbacks.study import StudyCallback
-from cifar_lightning.attacks import check_at_least_one
 from cifar_lightning.corruptions import CORRUPTIONS, SEVERITIES
 from cifar_lightning.evaluation import CorruptionSuite
 from cifar_lightning.study import Study
@@ -30,16 +29,7 @@ class CorruptionEvaluation(StudyCallback):
 
     def __init__(self, corruptions: list[str] = CORRUPTIONS, severities: list[int] = SEVERITIES,
                  images: int | None = 1000, seed: int = 0) -> None:
-        owner = "CorruptionEvaluation"
-        if images is not None:
-            check_at_least_one(owner, images=images)
-        for field, values in (("corruptions", corruptions), ("severities", severities)):
-            if not values:
-                raise ValueError(f"{owner}: {field}=[] leaves nothing to run; remove the callback to skip corruptions")
-        try:
-            self.suite = CorruptionSuite(corruptions, severities, images, seed)
-        except ValueError as err:
-            raise ValueError(f"{owner}: {err}") from None
+        self.suite = CorruptionSuite(corruptions, severities, images, seed, owner="CorruptionEvaluation")
 
     def contribute(self, study: Study, trainer: L.Trainer | None = None, pl_module: L.LightningModule | None = None) -> None:
         study.set_corruptions(self.suite)

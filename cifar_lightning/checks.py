@@ -50,8 +50,8 @@ CHECKS = {
     "black_box": Check("chain", 0.01, "Square ({queries:,} queries, no gradients) breaks {found} of the first "
                        "{checked} images that the white-box chain left: its gradients mislead"),
 }
-DEFENSE_BLACK_BOX = Check("adaptive", 0.01, "Square ({queries:,} queries) through {defense} breaks {found} of the "
-                          "first {checked} images that adaptive PGD left (counted in this row): BPDA's gradient "
+DEFENSE_BLACK_BOX = Check("adaptive", 0.01, "Square ({defense_queries:,} queries) through {defense} breaks {found} "
+                          "of the first {checked} images that adaptive PGD left (counted in this row): BPDA's gradient "
                           "misleads here")
 
 
@@ -149,9 +149,17 @@ class AttackChecks:
         return found
 
     def settings(self, strong: StrongAttacks) -> dict[str, object]:
-        """What the reasons' texts quote."""
+        """What the reasons' texts quote: each number from the attack that used it."""
         return {"steps": strong.pgd_steps, "double_steps": 2 * strong.pgd_steps, "large_eps": min(4 * strong.eps, 1.0),
-                "queries": self.square_queries}
+                "queries": self.square_queries, "defense_queries": strong.defense_square}
+
+    def flags(self, model: str, counts: dict[str, tuple[int, int]], strong: StrongAttacks) -> list[Flag]:
+        """The checks that fired on ``model`` (``counts``: :meth:`CheckCounts.compute`), each marking the rows
+        of ``strong`` its :class:`Check` ``rows`` names."""
+        chain = strong.chain(strong.eps)
+        rows = {"attacked": [kind.name for kind in strong.kinds], "pgd": [chain[0].name], "chain": [chain[-1].name]}
+        rows |= {f"adaptive/{d.name}": [strong.adaptive_kind(d).name] for d in strong.defenses}
+        return flags(model, counts, rows, self.settings(strong))
 
 
 class CheckCounts:

@@ -35,6 +35,7 @@ from cifar_lightning.attacks import (
     Judge,
     ThroughDefense,
     attack_chain,
+    check_at_least_one,
     ensemble_member,
     fgsm_at_budgets,
     pgd,
@@ -219,13 +220,22 @@ class CorruptionSuite:
         severities: from 1 to 5 (all by default).
         images: the subset's size (None: every test image).
         seed: seed of the subset and of the corruptions' random draws (per image, so the same in any batch).
+        owner: the name a bad value's error starts with (the callback's, when it builds the suite).
     """
 
     def __init__(self, corruptions: Sequence[str] = CORRUPTIONS, severities: Sequence[int] = SEVERITIES,
-                 images: int | None = 1000, seed: int = 0) -> None:
-        for name in corruptions:
-            for severity in severities:
-                check_corruption(name, severity)
+                 images: int | None = 1000, seed: int = 0, owner: str = "CorruptionSuite") -> None:
+        if images is not None:
+            check_at_least_one(owner, images=images)
+        for field, values in (("corruptions", corruptions), ("severities", severities)):
+            if not values:
+                raise ValueError(f"{owner}: {field}=[] leaves nothing to run; remove the callback to skip corruptions")
+        try:
+            for name in corruptions:
+                for severity in severities:
+                    check_corruption(name, severity)
+        except ValueError as err:
+            raise ValueError(f"{owner}: {err}") from None
         self.corruptions, self.severities, self.images, self.seed = list(corruptions), list(severities), images, seed
 
     @property
@@ -236,9 +246,8 @@ class CorruptionSuite:
             for name in self.corruptions for severity in self.severities]
 
     def __call__(self, kind: InputKind, images: Tensor, indices: Tensor) -> Tensor:
-        """``kind``'s images of the [0, 1] ``images`` (N, 3, H, W), whose test-set ``indices`` (N,) seed them."""
-        if kind.corruption == "none":
-            return images
+        """``kind``'s corrupted images of the [0, 1] ``images`` (N, 3, H, W), whose test-set ``indices`` (N,)
+        seed them; ``corruption.clean``'s are the test batches' own."""
         return corrupt(images, kind.corruption, kind.severity, self.seed, indices)
 
 

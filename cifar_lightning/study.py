@@ -27,7 +27,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from cifar_lightning.attacks import attack_chain
-from cifar_lightning.checks import AttackChecks, CheckCounts, flags
+from cifar_lightning.checks import AttackChecks, CheckCounts
 from cifar_lightning.dashboard import log_hparams
 from cifar_lightning.data import CLASSES
 from cifar_lightning.errors import ConfigError
@@ -52,7 +52,7 @@ from cifar_lightning.evaluation import (
 )
 from cifar_lightning.files import write_atomic
 from cifar_lightning.journal import Journal
-from cifar_lightning.model_card import About, entry_json, model_card, robustbench_entry
+from cifar_lightning.model_card import About, corruptions_entry, entry_json, model_card, robustbench_entry
 from cifar_lightning.quantization import cpu_latency, state_dict_megabytes
 from cifar_lightning.report import Report, accuracy_bars, corruption_bars, eps_curve, prediction_figure, sample_grid
 
@@ -156,7 +156,8 @@ class Study:
         corruptions = self.corruptions
         self.corrupted_indices = set(stratified_subset(labels, corruptions.images, corruptions.seed).tolist()) \
             if corruptions else set()
-        self.corrupted: dict = {"index": [], "images": [], "labels": []}  # the corruptions' subset, clean
+        # The corruptions' subset, clean, and each model's predictions of it (a column per model under test).
+        self.corrupted: dict = {"index": [], "images": [], "labels": [], "clean_preds": []}
         self.samples: dict[int, dict] = {}  # test index → images and each model's predictions
         for model in self.models.values():
             self._measure(model)
@@ -232,7 +233,9 @@ class Study:
             "standing": {name: {kind: right[positions] for kind, right in self.attacks.standing(found, labels).items()}
                          for name, found in probabilities.items()} if self.strong is not None else {},
             "corrupted": {"index": torch.tensor(indices)[corrupted], "images": images[corrupted],
-                          "labels": labels[corrupted]} if corrupted else {},
+                          "labels": labels[corrupted],
+                          "clean_preds": torch.stack([found[CLEAN.name].argmax(dim=1)[corrupted]
+                                                      for found in probabilities.values()], dim=1)} if corrupted else {},
             "seconds": dict(timer.seconds),
         }
 
@@ -335,8 +338,7 @@ class Study:
         results = metrics.compute()
         self.report.add(model.name, results, kinds)
         if model.gradients and self.checks is not None:
-            self.report.add_flags(flags(model.name, counts.compute(), self._flagged_rows(),
-                                        self.checks.settings(self.strong)))
+            self.report.add_flags(self.checks.flags(model.name, counts.compute(), self.strong))
         if model.surrogate is not None:
             self.report.add_model_info(model.name, surrogate_agreement=agreement.compute().item())
         if model is self.primary:
@@ -344,16 +346,18 @@ class Study:
 
     def _corruption_study(self, progress: bool) -> None:
         """Every model under test on each corruption of the corruptions' subset, each corrupted image made
-        once; per model the mean accuracy over the corruptions, and against the first model its mCE."""
+        once; per model the mean accuracy over the corruptions, and against the first model its mCE. The
+        clean row takes the test batches' predictions: no clean image goes through a model twice."""
         collected = {key: torch.cat(parts) for key, parts in self.corrupted.items() if parts}
         kinds = self.corruptions.kinds
+        clean, corruptions = kinds[0], kinds[1:]
         metrics = {name: RobustnessMetrics(kinds, self.device) for name in self.models}
         for part in self._subset_batches("common corruptions", progress, len(collected.get("labels", []))):
             images, labels, indices = (collected[key][part] for key in ("images", "labels", "index"))
-            found = {kind.name: self._unit(f"corruption {kind.corruption}" if kind.corruption != "none" else
-                                           "corruption subset, clean", f"corruptions{int(indices[0])}/{kind.name}",
-                                           partial(self._corrupted_predictions, kind, images, labels, indices))
-                     for kind in kinds}
+            found = {clean.name: dict(zip(self.models, collected["clean_preds"][part].unbind(dim=1)))} | {
+                kind.name: self._unit(f"corruption {kind.corruption}", f"corruptions{int(indices[0])}/{kind.name}",
+                                      partial(self._corrupted_predictions, kind, images, labels, indices))
+                for kind in corruptions}
             for name, metric in metrics.items():
                 metric.update({kind: predictions[name] for kind, predictions in found.items()}, labels)
         accuracy = {}
@@ -361,8 +365,7 @@ class Study:
             results = metric.compute()
             self.report.add(name, results, kinds)
             accuracy[name] = {kind: results["acc"][kind.name] for kind in kinds}
-            corrupted = [a for kind, a in accuracy[name].items() if kind.corruption != "none"]
-            info = {"corruption_acc": sum(corrupted) / len(corrupted)}
+            info = {"corruption_acc": sum(accuracy[name][kind] for kind in corruptions) / len(corruptions)}
             if name != self.primary.name:
                 first = accuracy[self.primary.name]
                 info |= {"mce_vs_fp32": mean_corruption_error(accuracy[name], first),
@@ -373,12 +376,6 @@ class Study:
         corrupted = self.corruptions(kind, images, indices)
         return {name: predicted_labels(model.model, corrupted.to(model.device)).to(labels.device)
                 for name, model in self.models.items()}
-
-    def _flagged_rows(self) -> dict[str, list[str]]:
-        """The input names each kind of check marks (``checks.Check.rows``)."""
-        strong, chain = self.strong, self.strong.chain(self.strong.eps)
-        rows = {"attacked": [kind.name for kind in strong.kinds], "pgd": [chain[0].name], "chain": [chain[-1].name]}
-        return rows | {f"adaptive/{d.name}": [strong.adaptive_kind(d).name] for d in strong.defenses}
 
     def _unit(self, stage: str, key: str, compute: Callable[[], Tensor]) -> Tensor:
         """``compute()``, timed under ``stage`` and journaled under ``key``."""
@@ -468,14 +465,18 @@ class Study:
     def write(self, folder: Path, figures: dict[str, Figure], robust_masks: pd.DataFrame | None,
               about: About | None = None) -> None:
         """The run's files (``results.csv``, ``summary.csv``, …, figures as PNG) into ``folder``; given
-        ``about`` the weights, their RobustBench entry (``robustbench.json``) and ``model_card.md`` too."""
+        ``about`` the weights, their RobustBench entries (``robustbench.json``, and
+        ``robustbench_corruptions.json`` when every corruption ran) and ``model_card.md`` too."""
         self.report.robust_masks = robust_masks
         self.report.stage_seconds = dict(self.timer.seconds)
         self.report.write(folder, figures)
         if about is not None:
-            entry = robustbench_entry(self.report.rows_with_kinds(), about)
+            rows = self.report.rows_with_kinds()
+            entry, corruptions = robustbench_entry(rows, about), corruptions_entry(rows, about)
             write_atomic(folder / "robustbench.json", entry_json(entry))
-            write_atomic(folder / "model_card.md", model_card(entry, self.report.headline()).encode())
+            if corruptions is not None:
+                write_atomic(folder / "robustbench_corruptions.json", entry_json(corruptions))
+            write_atomic(folder / "model_card.md", model_card(entry, self.report.headline(), corruptions).encode())
 
 
 def publish(study: Study, logger, step: int, figures: dict[str, Figure], hparams: dict[str, object], trial: str,

@@ -10,8 +10,8 @@ from torch import nn
 from callbacks.robustness import RobustnessEvaluation
 from cifar_lightning import evaluation
 from cifar_lightning.attacks import ensemble_member
-from cifar_lightning.evaluation import CLEAN, StrongAttacks, fgsm_kind
-from cifar_lightning.model_card import About, model_card, robustbench_entry
+from cifar_lightning.evaluation import CLEAN, CorruptionSuite, StrongAttacks, fgsm_kind
+from cifar_lightning.model_card import About, corruptions_entry, model_card, robustbench_entry
 from cifar_lightning.report import Report
 
 # The official AutoAttack's standard version (github fra31/auto-attack, autoattack.py and set_version):
@@ -133,3 +133,23 @@ def test_the_entrys_eps_is_the_linf_budget_when_l2_rows_are_there_too():
                         "clean_acc": 0.85}, strong.kinds)
     entry = robustbench_entry(report.rows_with_kinds(), About("improvedcnn_cifar10_adv", "ImprovedCNN"))
     assert (entry["threat_model"], entry["eps"]) == ("Linf", "8/255")
+
+
+def test_the_corruptions_entry_is_written_only_when_every_corruption_and_severity_ran():
+    everything, report = CorruptionSuite(), Report()
+    report.add("fp32", {"acc": {"clean": 0.9126}, "attack_success": {}, "images": 10_000}, [CLEAN])
+    accuracy = {kind.name: 0.9 if kind.corruption == "none" else 0.7 + 0.001 * (kind.severity or 0)
+                for kind in everything.kinds}
+    report.add("fp32", {"acc": accuracy, "attack_success": {}, "images": 1000}, everything.kinds)
+    about = About("improvedcnn_cifar10", "ImprovedCNN")
+    entry = corruptions_entry(report.rows_with_kinds(), about)
+    assert (entry["threat_model"], entry["eps"], entry["clean_acc"]) == ("corruptions", None, "91.26")
+    assert entry["corruptions_acc"] == "70.30"  # the mean of the 75, not counting the clean subset's 90%
+    assert (entry["clean_examples"], entry["corruptions_examples"]) == (10_000, 1000)
+    card = model_card(robustbench_entry(report.rows_with_kinds(), about), report.headline(), entry)
+    assert "| common corruptions | 70.30% (1,000 test images) |" in card
+    some, partial_report = CorruptionSuite(["fog"], [1, 2]), Report()
+    partial_report.add("fp32", {"acc": {"clean": 0.9126}, "attack_success": {}, "images": 10_000}, [CLEAN])
+    partial_report.add("fp32", {"acc": {kind.name: 0.7 for kind in some.kinds}, "attack_success": {}, "images": 1000},
+                       some.kinds)
+    assert corruptions_entry(partial_report.rows_with_kinds(), about) is None  # not RobustBench's number

@@ -71,9 +71,7 @@ def fired(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, defenses
     evidence |= checks(model, images, labels, robust, sliced, strong, run_unit)
     counts = CheckCounts(torch.device("cpu"))
     counts.update(evidence)
-    rows = {"attacked": [k.name for k in strong.kinds], "pgd": ["pgd"], "chain": ["apgd-ce"]} | {
-        f"adaptive/{d.name}": [strong.adaptive_kind(d).name] for d in defenses}
-    return {flag.check: flag for flag in flags("fp32", counts.compute(), rows, checks.settings(strong))}
+    return {flag.check: flag for flag in checks.flags("fp32", counts.compute(), strong)}
 
 
 @pytest.fixture(scope="module")

@@ -30,16 +30,22 @@ def test_each_model_is_scored_on_the_same_corrupted_images_of_the_subset():
     images, labels = torch.rand(40, 3, 32, 32, generator=generator), torch.randint(0, 10, (40,), generator=generator)
     suite = CorruptionSuite(["gaussian_noise", "contrast"], [1, 5], images=20, seed=3)
     study, first, second = _study(suite)
-    study.begin(labels, 16, torch.device("cpu"))
+    study.begin(labels, 16, torch.device("cpu"))  # after the latency runs: count the images each model scores
+    seen = {model: 0 for model in (first, second)}
+    for model in seen:
+        model.register_forward_hook(lambda module, inputs, output: seen.__setitem__(module, seen[module] + len(output)))
     for start in range(0, 40, 16):  # batches that cut across the subset
         study.update(images[start:start + 16], labels[start:start + 16], list(range(start, min(start + 16, 40))))
     study.finish()
+    # Each clean test image once (the clean row of the subset comes from the test batches), each of the
+    # 4 corrupted versions of the 20 subset images once.
+    assert seen == {first: 40 + 4 * 20, second: 40 + 4 * 20}
     rows = study.report.details().set_index(["model", "input"])
     chosen = sorted(study.corrupted_indices)
     assert len(chosen) == 20
     for model, name in ((first, "fp32"), (second, "other")):
         for kind in suite.kinds:
-            corrupted = suite(kind, images[chosen], torch.tensor(chosen))
+            corrupted = images[chosen] if kind.corruption == "none" else suite(kind, images[chosen], torch.tensor(chosen))
             expected = (model(corrupted).argmax(1) == labels[chosen]).float().mean().item()
             row = rows.loc[(name, kind.name)]
             assert row.acc == pytest.approx(expected) and row.images == 20, (name, kind.name)

@@ -42,6 +42,7 @@ def test_test_run_logs_the_headline_once_and_it_matches_the_tables(tested_run):
     entry = json.loads((tested_run / "robustbench.json").read_text())  # RobustBench's format, beside the tables
     assert entry["clean_acc"] == f"{100 * acc['fp32', 'clean']:.2f}" and entry["autoattack_acc"] is None  # not run
     assert entry["clean_examples"] == 256 and (tested_run / "model_card.md").is_file()
+    assert not (tested_run / "robustbench_corruptions.json").exists()  # severity 5 alone is not RobustBench's track
 
 
 def test_the_flip_average_is_logged_beside_the_plain_accuracy_not_in_its_place(cifar_slice, fitted_run, tested_run):
