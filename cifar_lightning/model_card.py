@@ -26,7 +26,7 @@ import pandas as pd
 
 from cifar_lightning.corruptions import CORRUPTIONS, SEVERITIES
 from cifar_lightning.dashboard import HEADLINE, eps_label
-from cifar_lightning.report import autoattack_result
+from cifar_lightning.report import autoattack_result, corrupted_rows
 
 PRIMARY = "fp32"
 
@@ -76,12 +76,11 @@ def robustbench_entry(rows: pd.DataFrame, about: About, tested_on: date | None =
 def corruptions_entry(rows: pd.DataFrame, about: About, tested_on: date | None = None) -> dict | None:
     """The RobustBench common-corruptions entry of the first model under test from the study's ``rows``;
     None unless it was scored on every corruption at every severity (RobustBench's number is their mean)."""
-    fp32 = rows[rows.model == PRIMARY].set_index("input", drop=False)
-    corrupted = fp32[(fp32.threat == "corruption") & (fp32.corruption != "none")]
+    corrupted = corrupted_rows(rows)
     if len(set(zip(corrupted.corruption, corrupted.severity))) < len(CORRUPTIONS) * len(SEVERITIES):
         return None
     images = int(corrupted.images.iloc[0])
-    clean = fp32.loc["clean"]
+    clean = rows[(rows.model == PRIMARY) & (rows.input == "clean")].iloc[0]
     return _entry(about, "corruptions", None, clean, tested_on, {
         "corruptions_acc": _percent(corrupted.acc.mean()),
         "footnote": (f"The mean over CIFAR-10-C's {len(CORRUPTIONS)} corruptions × {len(SEVERITIES)} severities, "

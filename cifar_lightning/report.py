@@ -58,6 +58,11 @@ def figure_png(figure: plt.Figure) -> bytes:
 _DEFENSE_COLUMNS = {"none": "clean", "non-adaptive": "recovery", "adaptive": "adaptive"}
 
 
+def corrupted_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The FP32 model's rows of the common corruptions (every corruption and severity, not the clean subset)."""
+    return rows[(rows.model == "fp32") & (rows.threat == "corruption") & (rows.corruption != "none")]
+
+
 def autoattack_result(rows: pd.DataFrame) -> pd.Series | None:
     """The FP32 model's AutoAttack row at the main ε (the standard version's last member: the worst case), or
     None if the standard version did not run (a part of it is no AutoAttack accuracy)."""
@@ -146,7 +151,7 @@ class Report:
                 chain = worst.get("worst_of")
                 attack = f"per image the worst of {chain}" if isinstance(chain, str) else worst.input
                 headline[tag] = (worst.acc, f"{norm} ε = {worst.eps:.4g}: {attack} ({worst.images:,} images)")
-        corrupted = fp32[(fp32.threat == "corruption") & (fp32.corruption != "none")]
+        corrupted = corrupted_rows(rows)
         if not corrupted.empty:
             headline["test/corruption_acc"] = (corrupted.acc.mean(), f"mean of {len(corrupted)} corruptions × severities, "
                                                                      f"{corrupted.images.iloc[0]:,} images")
