@@ -9,6 +9,7 @@ from callbacks.study import StudyCallback
 from cifar_lightning.data import load_cifar10
 from cifar_lightning.errors import ConfigError
 from cifar_lightning.evaluation import ModelUnderTest
+from cifar_lightning.frozen import joint_pass
 from cifar_lightning.quantization import (
     QuantizationError,
     check_quantizable,
@@ -81,7 +82,9 @@ class QuantizationEvaluation(StudyCallback):
                     copies["int8_static"] = quantize_static(model, calibration)
                 except QuantizationError as err:
                     study.note(f"no int8_static copy: {err}")
-            for name, model in copies.items():
-                surrogate = fake_quant_surrogate(model) if self.whitebox else None
-                study.add_model(ModelUnderTest(name, model, torch.device("cpu"), gradients=False, surrogate=surrogate,
-                                               sweep=False))
+            for name, copied in copies.items():
+                surrogate = fake_quant_surrogate(copied) if self.whitebox else None
+                # The dynamic copy runs the FP32 layers before its Linear ones: one pass scores both models.
+                joint = joint_pass(model, copied) if study.primary.device.type == "cpu" else None
+                study.add_model(ModelUnderTest(name, copied, torch.device("cpu"), gradients=False, surrogate=surrogate,
+                                               sweep=False, joint=joint))

@@ -131,6 +131,8 @@ class ModelUnderTest:
             model's worst-case images (transfer) and, given a ``surrogate``, by PGD on that.
         surrogate: a differentiable stand-in with the same predictions (e.g. a fake-quantized copy).
         sweep: score it on the ε sweep too (the int8 copies leave it out: it stays an FP32 study).
+        joint: a module returning ``(first model's logits, this model's)`` of the same images in one
+            pass (``frozen.joint_pass``), which the study runs in place of both where both score an image.
     """
 
     name: str
@@ -139,6 +141,7 @@ class ModelUnderTest:
     gradients: bool = True
     surrogate: nn.Module | None = None
     sweep: bool = True
+    joint: nn.Module | None = None
 
 
 def fgsm_kind(eps: float, sweep: bool = False) -> InputKind:
@@ -445,16 +448,6 @@ class StrongAttacks:
         member = FGM(model, kind.eps) if kind.attack == "fgm" else \
             ensemble_member(kind.attack, model, kind.eps, self.seed, norm=kind.norm)
         return lambda images, labels: run_attack(member, images, labels, self.seed)
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Softmax probabilities (N, classes) of ``model`` for each input kind, in one pass each.
-
-    Inputs go in channels_last: faster for FP32 convolutions, neutral for int8 ones.
-    """
-    return {name: model(images.contiguous(memory_format=torch.channels_last)).softmax(dim=1)
-            for name, images in inputs.items()}
 
 
 class AttackSuccessRate(Metric):

@@ -6,13 +6,18 @@ which the convolution before it absorbs into its weights and bias. Measured on t
 2-core CPU (``docs/benchmarks.md``): 1.2× the forward and the forward+backward throughput of
 ImprovedCNN, the same predictions. ``torch.compile`` of the folded network gave no more there and
 costs half a minute per process, so it is left out.
+
+A second model that is this copy with a few layers swapped (the int8 dynamic copy swaps only the
+Linear layers) need not run the layers before them again: :func:`joint_pass` computes both models'
+logits in one pass.
 """
 
 import copy
+import operator
 import warnings
 
 import torch
-from torch import nn
+from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
 # Largest logit difference a folded copy may show on a random probe batch: float rounding is ~1e-5.
@@ -58,3 +63,57 @@ def _frozen(model: nn.Module) -> nn.Module:
 def _unfolded(copied: nn.Module, reason: str) -> nn.Module:
     warnings.warn(f"the study runs the network without BatchNorm folding (slower, same numbers): {reason}", stacklevel=3)
     return copied
+
+
+@torch.no_grad()
+def joint_pass(first: nn.Module, second: nn.Module) -> fx.GraphModule | None:
+    """One module that returns ``(first(x), second(x))`` and runs the layers the two share once.
+
+    ``second`` is ``first`` with some layers swapped or changed: the int8 dynamic copy of a folded
+    network swaps its Linear layers, so the convolutions before them run once for both. Each layer
+    that differs, and everything computed from it, runs twice: once as ``first``'s, once as ``second``'s.
+    Both models on the CPU, taking (N, 3, 32, 32) images. None (run them one after the other) unless both
+    are ``torch.fx`` graphs of the same code and a probe batch gives exactly each model's own logits.
+    """
+    if not (isinstance(first, fx.GraphModule) and isinstance(second, fx.GraphModule)) or first.code != second.code:
+        return None
+    root = nn.Module()
+    root.first, root.second = first, second
+    graph, shared, own = fx.Graph(), {}, {}
+    for node in first.graph.nodes:
+        if node.op == "output":
+            (result,) = node.args
+            graph.output((fx.map_arg(result, shared.__getitem__), fx.map_arg(result, lambda n: own.get(n, shared[n]))))
+            break
+        shared[node] = _copied(graph, node, shared.__getitem__, "first")
+        if _differs(first, second, node) or any(n in own for n in node.all_input_nodes):
+            own[node] = _copied(graph, node, lambda n: own.get(n, shared[n]), "second")
+    joint = fx.GraphModule(root, graph).eval()
+    probe = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)).contiguous(
+        memory_format=torch.channels_last)
+    try:
+        logits = joint(probe)
+        exact = torch.equal(logits[0], first(probe)) and torch.equal(logits[1], second(probe))
+    except RuntimeError:  # a model of another dtype or device than the probe's: run the two one after the other
+        return None
+    return joint if exact else None
+
+
+def _copied(graph: fx.Graph, node: fx.Node, arg_map, owner: str) -> fx.Node:
+    """``node`` added to ``graph``, its layer or attribute taken from ``owner`` (``first`` or ``second``)."""
+    copied = graph.node_copy(node, arg_map)
+    if node.op in ("call_module", "get_attr"):
+        copied.target = f"{owner}.{node.target}"
+    return copied
+
+
+def _differs(first: fx.GraphModule, second: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node``'s layer or attribute is another in ``second`` (another type or other values)."""
+    if node.op == "call_module":
+        mine, theirs = first.get_submodule(node.target), second.get_submodule(node.target)
+        return type(mine) is not type(theirs) or any(
+            not torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
+    if node.op == "get_attr":
+        mine, theirs = (operator.attrgetter(node.target)(model) for model in (first, second))
+        return not (torch.equal(mine, theirs) if isinstance(mine, torch.Tensor) else mine is theirs)
+    return False

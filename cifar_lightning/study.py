@@ -46,7 +46,6 @@ from cifar_lightning.evaluation import (
     fgsm_kind,
     mean_corruption_error,
     pgd_with_restarts,
-    predict,
     predicted_labels,
     stratified_subset,
 )
@@ -215,13 +214,16 @@ class Study:
         seconds of each stage."""
         primary, timer = self.primary, StageTimer()
         inputs = self.attacks(primary.model, images, labels, timer) if self.attacks else {CLEAN.name: images}
-        probabilities = {}
-        for name, model in self.models.items():
-            known = {CLEAN.name: clean_logits.softmax(dim=1)} if model is primary and clean_logits is not None else {}
-            with timer(f"{name} model passes"):
-                found = known | predict(model.model, {k.name: inputs[k.name].to(model.device)
-                                                      for k in self.kinds(model) if k.name not in known})
-            probabilities[name] = {kind.name: found[kind.name].to(labels.device) for kind in self.kinds(model)}
+        logits = {name: {} for name in self.models}
+        if clean_logits is not None:
+            logits[primary.name][CLEAN.name] = clean_logits
+        for kind in self.attacks.kinds if self.attacks else [CLEAN]:
+            scored_by = [name for name, model in self.models.items()
+                         if kind in self.kinds(model) and kind.name not in logits[name]]
+            for name, found in self._logits(inputs[kind.name], scored_by, timer).items():
+                logits[name][kind.name] = found
+        probabilities = {name: {kind.name: logits[name][kind.name].softmax(dim=1).to(labels.device)
+                                for kind in self.kinds(model)} for name, model in self.models.items()}
         positions = torch.tensor([p for p, index in enumerate(indices) if index in self.subset_indices],
                                  dtype=torch.long, device=labels.device)
         corrupted = [p for p, index in enumerate(indices) if index in self.corrupted_indices]
@@ -238,6 +240,23 @@ class Study:
                                                       for found in probabilities.values()], dim=1)} if corrupted else {},
             "seconds": dict(timer.seconds),
         }
+
+    @torch.inference_mode()
+    def _logits(self, images: Tensor, names: Sequence[str], timer: StageTimer) -> dict[str, Tensor]:
+        """Each named model's logits of the same ``images`` (N, 3, H, W), one pass each, or one for two: a
+        model with a ``joint`` pass runs it for the first model too when both are named (timed as the
+        first model's passes). Inputs go in channels_last: faster for FP32 convolutions, neutral for int8."""
+        logits, first = {}, self.primary.name
+        for name in sorted(names, key=lambda name: self.models[name].joint is None):  # joint passes first
+            model = self.models[name]
+            batch = images.to(model.device).contiguous(memory_format=torch.channels_last)
+            if model.joint is not None and first in names and first not in logits:
+                with timer(f"{first} model passes"):
+                    logits[first], logits[name] = model.joint(batch)
+            elif name not in logits:
+                with timer(f"{name} model passes"):
+                    logits[name] = model.model(batch)
+        return logits
 
     @property
     def figure_kinds(self) -> list[InputKind]:
@@ -374,8 +393,8 @@ class Study:
 
     def _corrupted_predictions(self, kind: InputKind, images: Tensor, labels: Tensor, indices: Tensor) -> dict:
         corrupted = self.corruptions(kind, images, indices)
-        return {name: predicted_labels(model.model, corrupted.to(model.device)).to(labels.device)
-                for name, model in self.models.items()}
+        logits = self._logits(corrupted, list(self.models), StageTimer())  # timed as the corruption's
+        return {name: found.argmax(dim=1).to(labels.device) for name, found in logits.items()}
 
     def _unit(self, stage: str, key: str, compute: Callable[[], Tensor]) -> Tensor:
         """``compute()``, timed under ``stage`` and journaled under ``key``."""

@@ -8,9 +8,10 @@ from torch import nn
 
 from cifar_lightning.attacks import fgsm, fgsm_at_budgets, run_attack
 from cifar_lightning.data import load_cifar10
-from cifar_lightning.frozen import frozen_copy
+from cifar_lightning.frozen import frozen_copy, joint_pass
 from cifar_lightning.models import CIFAR10_NORMALIZATION, ImprovedCNN, pixel_input
 from cifar_lightning.module import ClassifierModule
+from cifar_lightning.quantization import quantize_dynamic_linear, quantize_static
 from tests.helpers import SHARED_CIFAR10
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "improvedcnn_cifar10.ckpt"
@@ -65,3 +66,21 @@ def test_fast_false_evaluates_the_network_itself_and_a_training_step_renews_the_
     module.on_train_batch_end(None, None, 0)
     assert module.frozen_net() is not first  # ... and again after the weights changed
     assert "fast" not in module.hparams  # not a property of the weights: checkpoints do not keep it
+
+
+def test_the_joint_pass_runs_the_shared_layers_once_and_gives_each_models_logits():
+    torch.manual_seed(0)
+    folded = frozen_copy(pixel_input(ImprovedCNN(), CIFAR10_NORMALIZATION).eval())
+    dynamic = quantize_dynamic_linear(folded)
+    joint = joint_pass(folded, dynamic)
+    layers = [type(joint.get_submodule(node.target)) for node in joint.graph.nodes if node.op == "call_module"]
+    convolutions = sum(layers.count(kind) for kind in (nn.Conv2d, nn.Linear))
+    assert convolutions == 6 + 2  # the 6 convolutions once, the FP32 Linear layers once; the int8 ones beside them
+    images = torch.rand(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        first, second = joint(images)
+        assert torch.equal(first, folded(images)) and torch.equal(second, dynamic(images))
+    assert not torch.equal(first, second)  # the int8 Linear layers did run
+    # Not the same graph (static int8 rewrites every layer), or not a graph at all: no joint pass.
+    assert joint_pass(folded, quantize_static(folded, torch.rand(16, 3, 32, 32))) is None
+    assert joint_pass(pixel_input(ImprovedCNN(), CIFAR10_NORMALIZATION).eval(), dynamic) is None

@@ -184,14 +184,15 @@ def test_cpu_latency_reports_and_restores_the_thread_count():
 
 
 class _Recording(nn.Module):
-    """A model that keeps every batch it is given."""
+    """A model that keeps every batch it is given, in each of ``logs``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *logs: list) -> None:
         super().__init__()
-        self.model, self.batches = model, []
+        self.model, self.logs = model, logs
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.batches.append(images)
+        for log in self.logs:
+            log.append(images)
         return self.model(images)
 
 
@@ -205,23 +206,29 @@ def test_the_int8_copies_are_scored_on_the_very_images_of_the_fp32_model(cifar_s
     class CompareWithFP32Inputs(L.Callback):  # listed last: its hooks run after the study's
         def on_test_start(self, trainer, pl_module):
             self.study = _RUNS[trainer].study
-            for model in self.study.models.values():
-                model.model = _Recording(model.model).eval()  # a new wrapper is in training mode
+            self.seen = {name: [] for name in self.study.models}  # each model's input batches, in order
+            for name, model in self.study.models.items():
+                model.model = _Recording(model.model, self.seen[name]).eval()  # a new wrapper is in training mode
+                if model.joint is not None:  # one pass for both models
+                    model.joint = _Recording(model.joint, self.seen["fp32"], self.seen[name]).eval()
 
         def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-            fp32, int8 = self.study.models["fp32"], self.study.models["int8_dynamic"]
+            int8 = self.study.models["int8_dynamic"]
+            # On the CPU the FP32 layers before the Linear ones run once for both models.
+            assert (int8.joint is not None) == (accelerator == "cpu")
             names = [kind.name for kind in self.study.kinds(int8)]
-            assert all(p.device.type == "cpu" for p in int8.model.parameters())
+            fp32_seen, int8_seen = self.seen["fp32"], self.seen["int8_dynamic"]
+            assert all(images.device.type == "cpu" for images in int8_seen)
             if batch_idx:  # (the first batch's passes follow the latency runs)
-                assert len(int8.model.batches) == len(names)  # one pass per input kind, no attack
-            # The fp32 model's last passes are its predictions (FGSM's passes come first), in the same order.
-            for name, images, fp32_images in zip(names, int8.model.batches[-len(names):],
-                                                 fp32.model.batches[-len(names):]):
-                assert images.device.type == "cpu"
+                assert len(int8_seen) == len(names)  # one pass per input kind, no attack
+            # Clean: the test batch itself (the fp32 model's logits of it come from test_step). Every other
+            # kind: the fp32 model's last passes (FGSM's passes come first), in the same order.
+            assert names[0] == "clean" and torch.equal(int8_seen[-len(names)], batch[0].cpu())
+            for name, images, fp32_images in zip(names[1:], int8_seen[1 - len(names):], fp32_seen[1 - len(names):]):
                 assert torch.equal(images, fp32_images.cpu()), name  # not attacked or defended anew
             checked.append(names)
-            for model in (fp32, int8):
-                model.model.batches.clear()
+            for seen in self.seen.values():
+                seen.clear()
 
     trainer = L.Trainer(accelerator=accelerator, devices=1, logger=TensorBoardLogger(tmp_path),
                         enable_progress_bar=False, limit_test_batches=2,
@@ -260,6 +267,39 @@ def test_the_study_callbacks_work_alone_and_in_either_order(cifar_slice, tmp_pat
     robust_alone = _study_results(tmp_path / "d", cifar_slice, [robustness()])
     assert set(robust_alone.model) == {"fp32"}
     pd.testing.assert_frame_equal(robust_alone, forward[forward.model == "fp32"].reset_index(drop=True))
+
+
+def test_the_joint_pass_of_fp32_and_int8_dynamic_changes_no_number(cifar_slice, tmp_path, monkeypatch):
+    """One pass for both models (``frozen.joint_pass``) gives every row of two passes, corruptions too."""
+    import copy
+
+    import pandas as pd
+
+    from callbacks.corruptions import CorruptionEvaluation
+
+    @torch.no_grad()
+    def dynamic_one_class_on(model):  # an int8 copy whose predictions differ from fp32's: rows tell them apart
+        model = copy.deepcopy(model)
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        last.weight.copy_(last.weight.roll(1, dims=0))
+        last.bias.copy_(last.bias.roll(1))
+        return quantize_dynamic_linear(model)
+
+    monkeypatch.setattr("callbacks.quantization.quantize_dynamic_linear", dynamic_one_class_on)
+
+    def callbacks():
+        return [RobustnessEvaluation(eps_sweep=[2 / 255], subset=8, pgd_steps=2, ensemble=[], adaptive=False),
+                CorruptionEvaluation(corruptions=["gaussian_noise", "contrast"], severities=[5], images=64),
+                QuantizationEvaluation(static=False)]
+
+    joint = _study_results(tmp_path / "joint", cifar_slice, callbacks())
+    monkeypatch.setattr("callbacks.quantization.joint_pass", lambda first, second: None)
+    apart = _study_results(tmp_path / "apart", cifar_slice, callbacks())
+    pd.testing.assert_frame_equal(joint, apart)
+    clean = joint[joint.input == "clean"].set_index("model").acc
+    assert clean["fp32"] != clean["int8_dynamic"]
+    assert {"fgsm_eps0.0078", "corruption.contrast_s5"} <= set(joint.input)
+    assert "corruption.contrast_s5" in set(joint[joint.model == "int8_dynamic"].input)
 
 
 def test_the_surrogate_of_a_residual_network_follows_its_int8_adds():
