@@ -147,6 +147,12 @@ def _fake_quantized_add_relu(a: Tensor, b: Tensor, scale: Tensor, zero_point: Te
     return fake_quantize((a + b).relu(), scale, zero_point)
 
 
+def _frozen_parameter(tensor: Tensor) -> nn.Parameter:
+    # A parameter, not a buffer: an attack library finds the model's device from its parameters
+    # (torchattacks prints a warning for a model without any).
+    return nn.Parameter(tensor.detach().clone(), requires_grad=False)
+
+
 class _FakeQuantizedLayer(nn.Module):
     """A float twin of a static int8 Conv2d or Linear layer (ReLU fused or not): its dequantized
     weights, its float bias, and its output fake-quantized with its own scale and zero point."""
@@ -154,8 +160,7 @@ class _FakeQuantizedLayer(nn.Module):
     def __init__(self, layer: nn.Module, relu: bool) -> None:
         super().__init__()
         self.layer, self.relu = layer, relu
-        self.register_buffer("weight", layer.weight().dequantize())
-        self.register_buffer("bias", layer.bias().detach().clone())
+        self.weight, self.bias = _frozen_parameter(layer.weight().dequantize()), _frozen_parameter(layer.bias())
         self.scale, self.zero_point = float(layer.scale), int(layer.zero_point)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -173,8 +178,7 @@ class _FakeDynamicLinear(nn.Module):
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        self.register_buffer("weight", layer.weight().dequantize())
-        self.register_buffer("bias", layer.bias().detach().clone())
+        self.weight, self.bias = _frozen_parameter(layer.weight().dequantize()), _frozen_parameter(layer.bias())
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():

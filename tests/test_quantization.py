@@ -140,6 +140,17 @@ class _WarnsWhenSetToEval(nn.Identity):
         return super().train(mode)
 
 
+def test_an_attack_on_either_surrogate_finds_its_device_without_a_warning(capsys):
+    from cifar_lightning.attacks import pgd
+
+    model = _normalized_cnn().eval()
+    for quantized in (quantize_dynamic_linear(model), quantize_static(model, torch.rand(16, 3, 32, 32))):
+        surrogate = fake_quant_surrogate(quantized)
+        assert pgd(surrogate, 0.03, 2).device == torch.device("cpu")
+        assert not any(p.requires_grad for p in surrogate.parameters())
+    assert capsys.readouterr().out == ""  # torchattacks prints "Failed to set device automatically" otherwise
+
+
 @pytest.mark.parametrize(
     "quantize", [quantize_dynamic_linear, lambda model: quantize_static(model, torch.rand(8, 3, 8, 8))],
     ids=["dynamic", "static"],
