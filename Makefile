@@ -30,5 +30,6 @@ benchmark: $(VENV)/.installed
 	$(VENV)/bin/python benchmarks/train_throughput.py --data_dir $(DATA_DIR) --steps 30 --repeats 5
 	$(VENV)/bin/python benchmarks/train_throughput.py --data_dir $(DATA_DIR) --steps 30 --repeats 5 --recipe fast
 	$(VENV)/bin/python benchmarks/evaluation_stages.py --data_dir $(DATA_DIR) --images 1000
+	$(VENV)/bin/python benchmarks/model_passes.py --data_dir $(DATA_DIR) --images 1280 --repeats 5
 	$(VENV)/bin/python benchmarks/attack_throughput.py --data_dir $(DATA_DIR) --images 512 --steps 10 --repeats 5
 	$(VENV)/bin/python benchmarks/adversarial_step.py --data_dir $(DATA_DIR) --steps 20 --repeats 3
