@@ -167,6 +167,9 @@ class Report:
             candidates = worst_per_defense[flagged == ""] if (flagged == "").any() else worst_per_defense
             best = candidates.loc[candidates.acc.idxmax()]
             note = f"; flagged: {flagged[best.name]}" if flagged[best.name] else ""
+            higher = worst_per_defense[(flagged != "") & (worst_per_defense.acc > best.acc)].sort_values("acc")[::-1]
+            if not higher.empty:  # passed over, not hidden: the reader sees what the flags set aside
+                note += "; higher but flagged: " + ", ".join(f"{row.defense} {row.acc:.2%}" for row in higher.itertuples())
             headline["test/best_defense_acc"] = (best.acc, f"{best.defense} against its strongest attacker, "
                                                            f"{best.input} ({best.images:,} images){note}")
         for model, tag in (("int8_dynamic", "test/int8_acc"), ("int8_static", "test/int8_static_acc")):
