@@ -49,9 +49,14 @@ def test_config(tmp_path_factory) -> Path:
     return write_config(tmp_path_factory.mktemp("test_config"), small_subset)
 
 
+# Session fixtures are made per xdist worker: the tests of the costliest share one worker.
+TESTED_RUN = pytest.mark.xdist_group("tested_run")
+
+
 @pytest.fixture(scope="session")
 def tested_run(cifar_slice, fitted_run, test_config, tmp_path_factory) -> Path:
-    """The run folder of `cifar-lightning test` (all default callbacks) on the fitted checkpoint."""
+    """The run folder of `cifar-lightning test` (all default callbacks) on the fitted checkpoint. A test that
+    uses it is in the xdist group ``TESTED_RUN``, so one worker makes it, once."""
     workdir = tmp_path_factory.mktemp("test")
     run_cli("test", "--config", str(test_config), "--data.data_dir", str(cifar_slice), "--data.batch_size", "128",
             "--ckpt_path", str(fitted_run / "checkpoints" / "best.ckpt"), "--trainer.enable_progress_bar", "false",

@@ -8,6 +8,9 @@ import pytest
 
 from cifar_lightning.dashboard import HEADLINE, HPARAMS
 from scripts.dashboard_screenshots import hparams_request, serve
+from tests.conftest import TESTED_RUN
+
+pytestmark = TESTED_RUN
 
 
 @pytest.fixture(scope="module")

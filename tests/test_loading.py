@@ -18,6 +18,7 @@ from cifar_lightning.data import CIFAR10_MEAN, CIFAR10_STD, CLASSES, load_cifar1
 from cifar_lightning.loading import EXPORTED, SAFETENSORS, STATE_DICT, TORCHSCRIPT, load_network, read_model_file
 from cifar_lightning.models import ImprovedCNN, Normalized
 from cifar_lightning.module import ClassifierModule
+from tests.conftest import small_subset
 from tests.helpers import CONFIG, Payload, callback_args, cli_error, run_cli, write_config, write_slice
 from tests.small_resnet import SmallResNet
 
@@ -259,9 +260,10 @@ def test_fit_refuses_a_program_and_says_what_to_do(capsys, cifar_slice, saved, m
 
 
 def test_the_study_runs_on_a_state_dict_and_on_a_torchscript_file(saved, test_set, reference, tmp_path):
-    """Every stage of the study, on the first 128 test images, strong attacks on 32 of them."""
+    """Every stage of the study, on the first 128 test images, strong attacks on 32 of them, the checks and
+    corruptions at their cheap settings (``conftest.small_subset``)."""
     def small_study(config):
-        callback_args(config, "RobustnessEvaluation").update(eps_sweep=[], subset=32, pgd_steps=2, ensemble=["apgd-ce"])
+        small_subset(config, eps_sweep=[], subset=32, pgd_steps=2, ensemble=["apgd-ce"])
         callback_args(config, "QuantizationEvaluation").update(calibration_images=128)
 
     config = write_config(tmp_path, small_study)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cifar_lightning.module import ClassifierModule
-from tests.conftest import small_subset
+from tests.conftest import TESTED_RUN, small_subset
 from tests.helpers import (
     CLI,
     CONFIG,
@@ -139,6 +139,7 @@ def test_two_runs_with_the_same_seed_give_identical_metrics(cifar_slice, fitted_
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+@TESTED_RUN
 def test_a_second_test_run_never_overwrites_the_first(cifar_slice, fitted_run, tested_run, tmp_path):
     first = {p.name: p.stat().st_mtime_ns for p in tested_run.iterdir()}
     config = write_config(tmp_path, lambda c: small_subset(c, strong_attacks=False))  # every file, in seconds
@@ -178,6 +179,7 @@ def test_resuming_from_best_continues_in_a_new_run_folder(cifar_slice, fitted_ru
                       weights_only=True)["global_step"] == 2 * EPOCH_STEPS
 
 
+@TESTED_RUN
 def test_a_killed_study_resumes_and_equals_an_uninterrupted_one(cifar_slice, fitted_run, test_config, tested_run,
                                                                 tmp_path):
     """Killed (SIGKILL) after the first of its two test batches, then stopped (SIGTERM) before its strong
@@ -232,6 +234,7 @@ def test_settings_that_leave_a_run_no_folder_or_lose_its_errors_are_refused(caps
     assert list(tmp_path.iterdir()) == []  # nothing written: no config.yaml, no checkpoints folder
 
 
+@TESTED_RUN
 def test_resume_study_is_refused_where_there_is_nothing_to_resume(capsys, cifar_slice, tested_run, tmp_path,
                                                                   monkeypatch):
     monkeypatch.chdir(tmp_path)
