@@ -34,10 +34,10 @@ CHEAP_CORRUPTIONS = {"images": 32, "severities": [5]}
 
 
 def small_subset(config: dict, **changes) -> None:
-    """The strong attacks on 64 of the slice's 256 test images, with 5 PGD steps, one ε of the sweep
+    """The strong attacks on 32 of the slice's 256 test images, with 5 PGD steps, one ε of the sweep
     (2/255), the costly checks on 16 images with Square's 200 queries, the corruptions at severity 5 on 32
     images, and latency runs of 16 images (the numbers tests read take seconds, not minutes); then ``changes``."""
-    callback_args(config, "RobustnessEvaluation").update({"subset": 64, "pgd_steps": 5, "eps_sweep": [2 / 255]}
+    callback_args(config, "RobustnessEvaluation").update({"subset": 32, "pgd_steps": 5, "eps_sweep": [2 / 255]}
                                                          | CHEAP_CHECKS | changes)
     callback_args(config, "CorruptionEvaluation").update(CHEAP_CORRUPTIONS)
     callback_args(config, "QuantizationEvaluation")["latency_batch_size"] = 16
