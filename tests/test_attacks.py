@@ -181,6 +181,7 @@ def test_strong_attacks_are_at_least_as_strong_as_weak_ones(trained):
     """Carlini et al. 2019's sanity checks: PGD ≤ FGSM, more steps ≤ fewer, larger ε ≤ smaller,
     the ensemble ≤ each member alone, and a large ε leaves nothing."""
     net, images, labels = trained
+    images, labels = images[:64], labels[:64]  # each takes ~90 gradient steps below: 64 of the 128 suffice
     eps = 2 / 255
     accuracy = {"fgsm": _accuracy(net, run_attack(fgsm(net, eps), images, labels), labels)}
     for steps in (3, 20):
@@ -206,7 +207,7 @@ def test_strong_attacks_are_at_least_as_strong_as_weak_ones(trained):
     # those of a run on all of them: the chain may lose an image a lone run wins (seen: 8 vs 7 of 64).
     assert robust["apgd-t"].float().mean() <= min(alone.values()) + 1 / 16
     restarts = pgd_with_restarts(net, eps, steps=5, restarts=3)
-    assert _accuracy(net, restarts(images, labels), labels) <= accuracy["pgd3"] + 1 / 128
+    assert _accuracy(net, restarts(images, labels), labels) <= accuracy["pgd3"] + 1 / 64
 
 
 L2_ATTACKS = {
