@@ -167,7 +167,8 @@ class Report:
             candidates = worst_per_defense[flagged == ""] if (flagged == "").any() else worst_per_defense
             best = candidates.loc[candidates.acc.idxmax()]
             note = f"; flagged: {flagged[best.name]}" if flagged[best.name] else ""
-            higher = worst_per_defense[(flagged != "") & (worst_per_defense.acc > best.acc)].sort_values("acc")[::-1]
+            higher = worst_per_defense[(flagged != "") & (worst_per_defense.acc > best.acc)]
+            higher = higher.sort_values("acc", ascending=False)
             if not higher.empty:  # passed over, not hidden: the reader sees what the flags set aside
                 note += "; higher but flagged: " + ", ".join(f"{row.defense} {row.acc:.2%}" for row in higher.itertuples())
             headline["test/best_defense_acc"] = (best.acc, f"{best.defense} against its strongest attacker, "

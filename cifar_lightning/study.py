@@ -214,16 +214,16 @@ class Study:
         seconds of each stage."""
         primary, timer = self.primary, StageTimer()
         inputs = self.attacks(primary.model, images, labels, timer) if self.attacks else {CLEAN.name: images}
+        kinds = {name: self.kinds(model) for name, model in self.models.items()}
         logits = {name: {} for name in self.models}
         if clean_logits is not None:
             logits[primary.name][CLEAN.name] = clean_logits
         for kind in self.attacks.kinds if self.attacks else [CLEAN]:
-            scored_by = [name for name, model in self.models.items()
-                         if kind in self.kinds(model) and kind.name not in logits[name]]
+            scored_by = [name for name in self.models if kind in kinds[name] and kind.name not in logits[name]]
             for name, found in self._logits(inputs[kind.name], scored_by, timer).items():
                 logits[name][kind.name] = found
         probabilities = {name: {kind.name: logits[name][kind.name].softmax(dim=1).to(labels.device)
-                                for kind in self.kinds(model)} for name, model in self.models.items()}
+                                for kind in kinds[name]} for name in self.models}
         positions = torch.tensor([p for p, index in enumerate(indices) if index in self.subset_indices],
                                  dtype=torch.long, device=labels.device)
         corrupted = [p for p, index in enumerate(indices) if index in self.corrupted_indices]
