@@ -130,40 +130,82 @@ class FGM(torchattacks.attack.Attack):
 
 
 def pgd(model: nn.Module, eps: float = 8 / 255, steps: int = 10, alpha: float | None = None,
-        random_start: bool = True, norm: str = "Linf") -> torchattacks.attack.Attack:
-    """Projected Gradient Descent (Madry et al. 2018): from a random point of the ε-ball, ``steps``
-    steps of size ``alpha`` (default 2.5·ε/steps), each projected back into the ball of radius ε and
-    into [0, 1]; the standard strong first-order attack. L∞: signed-gradient steps
-    (``torchattacks.PGD``); L2: steps along the gradient normalised to length ``alpha`` (``torchattacks.PGDL2``)."""
+        random_start: bool = True, norm: str = "Linf", stop_when_fooled: bool = True) -> "PGD":
+    """:class:`PGD` with its arguments checked, ``alpha`` by default 2.5·ε/steps (Madry et al.'s rule)."""
     check_budget("pgd", eps, norm)
     check_at_least_one("pgd", steps=steps)
     alpha = 2.5 * eps / steps if alpha is None else alpha
     if not alpha > 0:
         raise ValueError(f"pgd: alpha={alpha} must be > 0")
-    attack = torchattacks.PGD if norm == "Linf" else PGDL2
-    return attack(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
+    return PGD(model, eps, alpha, steps, random_start, norm, stop_when_fooled)
 
 
-class _ContiguousGradient(torch.autograd.Function):
-    """The identity, whose backward pass returns the gradient in the standard (NCHW) layout."""
+class PGD(torchattacks.attack.Attack):
+    """Projected Gradient Descent (Madry et al. 2018, "Towards Deep Learning Models Resistant to
+    Adversarial Attacks"), under L∞ or L2, that keeps the first adversarial example it meets.
 
-    @staticmethod
-    def forward(ctx, images: Tensor) -> Tensor:
-        return images.view_as(images)
+    From a random point of the ε-ball, ``steps`` steps of size ``alpha`` up the cross-entropy, each
+    projected back into the ball and into [0, 1]. L∞: signed-gradient steps, as ``torchattacks.PGD``;
+    L2: the gradient scaled to length ``alpha``, as ``torchattacks.PGDL2`` (the same random starts and
+    arithmetic as theirs).
 
-    @staticmethod
-    def backward(ctx, gradient: Tensor) -> Tensor:
-        return gradient.contiguous()
+    With ``stop_when_fooled`` (the default) an image the model gets wrong is stepped no further: its
+    result is that iterate, as AutoAttack's APGD keeps the first point that fools the model. torchattacks'
+    PGD returns the last iterate, which the model may classify right again; so this PGD never scores an
+    image robust that one of its iterates broke, and it runs only on the images still standing: on a
+    network without defense most fall within a few steps. Turn it off when the model attacked is not
+    the one judged (a surrogate), whose mistakes say nothing of the judge's.
 
+    Images (N, C, H, W) in [0, 1] and labels (N,) in; adversarial images of that shape out.
+    """
 
-class PGDL2(torchattacks.PGDL2):
-    """``torchattacks.PGDL2`` on a channels_last network: the image's gradient comes back channels_last
-    there, which its ``grad.view(N, -1)`` refuses, so it is handed back in NCHW. Arguments as its."""
+    def __init__(self, model: nn.Module, eps: float, alpha: float, steps: int, random_start: bool = True,
+                 norm: str = "Linf", stop_when_fooled: bool = True) -> None:
+        super().__init__("PGD", model)
+        self.eps, self.alpha, self.steps, self.random_start = eps, alpha, steps, random_start
+        self.norm, self.stop_when_fooled = norm, stop_when_fooled
+        self.supported_mode = ["default"]
 
-    norm = "L2"  # what run_attack projects onto
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        images, labels = images.clone().detach().to(self.device), labels.clone().detach().to(self.device)
+        adversarial = self._start(images) if self.random_start else images.clone()
+        active = torch.arange(len(images), device=images.device)  # the images still being stepped
+        for _ in range(self.steps):
+            current = adversarial[active].requires_grad_(True)
+            logits = self.get_logits(current)
+            if self.stop_when_fooled:
+                right = logits.argmax(dim=1) == labels[active]
+                if not right.any():
+                    break
+                logits, current_labels, active = logits[right], labels[active][right], active[right]
+            else:
+                current_labels, right = labels[active], slice(None)
+            # Summed, not averaged: each image's gradient does not depend on how many share its batch.
+            loss = nn.functional.cross_entropy(logits, current_labels, reduction="sum")
+            gradient = torch.autograd.grad(loss, current)[0][right]
+            adversarial[active] = self._step(adversarial[active], gradient, images[active])
+        return adversarial
 
-    def get_logits(self, inputs: Tensor, *args, **kwargs) -> Tensor:
-        return super().get_logits(_ContiguousGradient.apply(inputs), *args, **kwargs)
+    def _start(self, images: Tensor) -> Tensor:
+        """A random point of the ε-ball, clipped to [0, 1]: uniform per value (L∞); a uniformly random
+        length along a Gaussian direction (L2). torchattacks' draws, in its order."""
+        if self.norm == "Linf":
+            return (images + torch.empty_like(images).uniform_(-self.eps, self.eps)).clamp(0, 1)
+        delta = torch.empty_like(images).normal_()
+        length = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        delta *= torch.zeros_like(length).uniform_(0, 1) / length * self.eps
+        return (images + delta).clamp(0, 1)
+
+    def _step(self, adversarial: Tensor, gradient: Tensor, images: Tensor) -> Tensor:
+        """One step of ``alpha`` from ``adversarial`` along ``gradient``, projected around ``images``."""
+        if self.norm == "Linf":
+            stepped = adversarial + self.alpha * gradient.sign()
+            return (images + (stepped - images).clamp(-self.eps, self.eps)).clamp(0, 1)
+        # flatten, not view: the gradient of a channels_last network comes back channels_last.
+        stepped = adversarial + self.alpha * gradient / (gradient.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-10)
+        delta = stepped - images
+        delta = delta * (self.eps / delta.flatten(1).norm(dim=1)).clamp(max=1).view(-1, 1, 1, 1)
+        return (images + delta).clamp(0, 1)
 
 
 class APGDT(torchattacks.APGDT):

@@ -193,27 +193,31 @@ class TotalVariationDenoise(Defense):
         return pixels.reshape(len(images), images.shape[3], *images.shape[1:3]).permute(0, 2, 3, 1).numpy()
 
     def _chambolle(self, images: Tensor) -> Tensor:
-        """Chambolle's projection algorithm on (B, H, W) float64 images, each stopped on its own."""
+        """Chambolle's projection algorithm on (B, H, W) float64 images, each stopped on its own.
+
+        scikit-image's arithmetic, in its order, into buffers made once (while no image stops): at
+        these sizes making a new tensor per operation costs as much as the arithmetic."""
         weight, tau = self.weight, 0.25  # tau: 1 / (2 · the 2 image axes)
         result = images.clone()
         active = torch.arange(len(images))  # the images still iterating, and their rows in `result`
         dual = torch.zeros(len(images), 2, *images.shape[1:], dtype=images.dtype)
-        gradient = torch.zeros_like(dual)
+        gradient = torch.zeros_like(dual)  # its last row (axis 0) and column (axis 1) stay 0
+        out, energy = images.clone(), torch.zeros(len(images), dtype=images.dtype)
+        divergence, squares, norm = torch.empty_like(images), torch.empty_like(dual), torch.empty_like(dual[:, :1])
         for iteration in range(self.max_iterations):
             if iteration:
                 # The negative divergence of the dual field.
-                divergence = -dual.sum(1)
+                torch.sum(dual, 1, out=divergence).neg_()
                 divergence[:, 1:, :] += dual[:, 0, :-1, :]
                 divergence[:, :, 1:] += dual[:, 1, :, :-1]
-                out = images + divergence
+                torch.add(images, divergence, out=out)
                 energy = divergence.square().sum((1, 2))
-            else:
-                out, energy = images, torch.zeros(len(images), dtype=images.dtype)
-            gradient[:, 0, :-1, :] = out[:, 1:, :] - out[:, :-1, :]
-            gradient[:, 1, :, :-1] = out[:, :, 1:] - out[:, :, :-1]
-            norm = gradient.square().sum(1, keepdim=True).sqrt()
+            torch.sub(out[:, 1:, :], out[:, :-1, :], out=gradient[:, 0, :-1, :])
+            torch.sub(out[:, :, 1:], out[:, :, :-1], out=gradient[:, 1, :, :-1])
+            torch.sum(torch.mul(gradient, gradient, out=squares), 1, keepdim=True, out=norm).sqrt_()
             energy = (energy + weight * norm.sum((1, 2, 3))) / images[0].numel()
-            dual = (dual - tau * gradient) / (norm * (tau / weight) + 1.0)
+            # (dual - tau · gradient) / (1 + norm · tau / weight); tau · gradient is exact, so fused or not alike.
+            dual.sub_(gradient, alpha=tau).div_(norm.mul_(tau / weight).add_(1.0))
             if not iteration:
                 first = previous = energy
                 continue
@@ -226,6 +230,7 @@ class TotalVariationDenoise(Defense):
                 running = ~done
                 active, images, out, dual = active[running], images[running], out[running], dual[running]
                 gradient, first, previous = gradient[running], first[running], previous[running]
+                divergence, squares, norm = divergence[running], squares[running], norm[running]
         result[active] = out
         return result
 

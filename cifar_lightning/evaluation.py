@@ -293,11 +293,13 @@ def predicted_labels(model: nn.Module, images: Tensor) -> Tensor:
 
 
 def pgd_with_restarts(model: nn.Module, eps: float, steps: int, restarts: int, seed: int = 0,
-                      judge: Judge | None = None, norm: str = "Linf"):
+                      judge: Judge | None = None, norm: str = "Linf", surrogate: bool = False):
     """``attack(images, labels)``: PGD under ``norm`` from ``restarts`` random starts, each restart only on
-    the images the earlier ones did not fool (judged by ``judge``, by default ``model`` itself)."""
+    the images the earlier ones did not fool (judged by ``judge``, by default ``model`` itself). Each image
+    keeps the first iterate ``model`` gets wrong (``attacks.PGD``), unless ``model`` is a ``surrogate`` of
+    the judge: then it is stepped to the end, since fooling the surrogate need not fool the judge."""
     judge = judge or partial(predicted_labels, model)
-    attack = pgd(model, eps, steps, norm=norm)
+    attack = pgd(model, eps, steps, norm=norm, stop_when_fooled=not surrogate)
     restarts = {f"restart {r}": partial(run_attack, attack, seed=seed + r) for r in range(restarts)}
     return lambda images, labels: attack_chain(restarts, judge, images, labels)[0]
 

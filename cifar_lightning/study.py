@@ -414,7 +414,7 @@ class Study:
             robust[transfer.name] = standing & (judge(worst) == labels)
         if whitebox:
             attack = pgd_with_restarts(model.surrogate, strong.eps, strong.pgd_steps, strong.pgd_restarts,
-                                       strong.seed, judge=judge)
+                                       strong.seed, judge=judge, surrogate=True)
             name = whitebox[0].name
             robust[name] = attack_chain({name: as_unit(run_unit, f"{model.name} white-box", name, attack)}, judge,
                                         images, labels, standing)[1][name]

@@ -7,7 +7,8 @@ Runs each L2 attack the study uses at ``--eps`` (default 0.5) on the first ``--i
 prints, per attack, the robust accuracy of the project's and of its reference, and the images only one of
 the two broke:
 
-- PGD-L2 (``attacks.pgd(norm="L2")``, torchattacks' PGDL2) against a PGD-L2 loop written out here
+- PGD-L2 (``attacks.pgd(norm="L2")``: torchattacks' PGDL2 steps, each image's first adversarial
+  iterate kept) against a PGD-L2 loop written out here
   (Madry et al. 2018: a random start in the ball, gradient steps of length α, projection onto the ball);
 - APGD-CE and APGD-T under L2 (``attacks.ensemble_member(norm="L2")``) against the official AutoAttack's
   ``APGDAttack`` and ``APGDAttack_targeted`` (100 iterations, 9 targets, seed 0, as its standard version),

@@ -22,7 +22,7 @@ from cifar_lightning.attacks import (
     run_attack,
 )
 from cifar_lightning.data import load_cifar10
-from cifar_lightning.defenses import Defense, GaussianBlur, MedianFilter
+from cifar_lightning.defenses import Defense, GaussianBlur, JpegCompression, MedianFilter
 from cifar_lightning.evaluation import pgd_with_restarts, predicted_labels
 from cifar_lightning.module import ClassifierModule
 from tests.helpers import SHARED_CIFAR10
@@ -128,6 +128,47 @@ def test_attacks_are_reproducible_and_seeded(model):
     first = run_attack(pgd(model, eps=0.03, steps=3), images, labels, seed=1)
     assert torch.equal(first, run_attack(pgd(model, eps=0.03, steps=3), images, labels, seed=1))
     assert not torch.equal(first, run_attack(pgd(model, eps=0.03, steps=3), images, labels, seed=2))
+
+
+@pytest.mark.parametrize("norm, eps, reference", [("Linf", 0.03, torchattacks.PGD), ("L2", 0.5, torchattacks.PGDL2)])
+def test_pgd_stepped_to_the_end_is_torchattacks_pgd(model, norm, eps, reference):
+    """Same random start, same steps: the project's PGD is torchattacks' when no image stops early."""
+    images, labels = _batch()
+    model.eval()
+    ours = run_attack(pgd(model, eps, steps=5, norm=norm, stop_when_fooled=False), images, labels, seed=4)
+    theirs = run_attack(reference(model, eps=eps, alpha=2.5 * eps / 5, steps=5), images, labels, seed=4)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_pgd_keeps_the_first_iterate_that_fools_the_model(trained):
+    """BPDA through JPEG zigzags: torchattacks' last iterate is classified right again on images that an
+    earlier iterate broke. The project's PGD counts them (and so breaks a superset of torchattacks'), and
+    stops stepping an image once it is broken."""
+    net, images, labels = trained
+    defended = ThroughDefense(net, JpegCompression(30))
+    judge = lambda x: predicted_labels(defended, x)
+    right = judge(images) == labels
+    images, labels = images[right], labels[right]
+    passes = []
+    counted = nn.Sequential(_Count(passes), defended)
+    ours = judge(run_attack(pgd(counted, 0.03, steps=10), images, labels)) == labels
+    theirs = judge(run_attack(torchattacks.PGD(defended, eps=0.03, alpha=2.5 * 0.03 / 10, steps=10),
+                              images, labels)) == labels
+    assert not (ours & ~theirs).any()  # every image torchattacks' PGD broke is broken
+    assert (theirs & ~ours).sum() >= 2  # ... and some that only an earlier iterate broke
+    assert passes[0] == len(labels) and sum(passes) < 0.7 * 10 * len(labels)  # broken images stop
+
+
+class _Count(nn.Module):
+    """The identity, noting how many images pass through."""
+
+    def __init__(self, passes: list[int]) -> None:
+        super().__init__()
+        self.passes = passes
+
+    def forward(self, images):
+        self.passes.append(len(images))
+        return images
 
 
 def test_the_adaptive_attack_runs_the_real_defense_forward_and_its_approximation_backward(model):
