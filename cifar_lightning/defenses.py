@@ -14,8 +14,6 @@ They also cost clean accuracy, which the evaluation reports as ``clean/<defense>
 import abc
 import io
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -33,11 +31,10 @@ class Defense(abc.ABC):
     Subclasses set their parameters, validate them in ``_check_params`` (raising ``ValueError``
     that names the field) and implement ``process`` for one image. ``__call__`` takes float
     [0, 1] batches (N, 3, H, W) on any device and returns the same shape on that device.
-    Images are processed by a thread pool: OpenCV, Pillow and scikit-image's numpy work release
-    the GIL, so the pool uses every core without the cost of processes.
+    Images are processed one after another in the calling thread: a thread pool over both cores was
+    measured slower at every batch size (JPEG q=30: 33 against 18 ms for 128 images; the median
+    filter: 0.71 against 0.04 ms for 4, Square's batches), the images being too small to pay for it.
     """
-
-    workers = os.cpu_count() or 1
 
     def __init__(self) -> None:
         self._check_params()
@@ -61,11 +58,8 @@ class Defense(abc.ABC):
         return images
 
     def process_batch(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, 3) → uint8 (N, H, W, 3), images spread over ``workers`` threads."""
-        chunks = np.array_split(images, min(self.workers, len(images)) or 1)
-        with ThreadPoolExecutor(len(chunks)) as pool:
-            parts = list(pool.map(lambda chunk: np.stack([self.process(i) for i in chunk]), chunks))
-        return np.concatenate(parts)
+        """uint8 (N, H, W, 3) → uint8 (N, H, W, 3)."""
+        return np.stack([self.process(image) for image in images])
 
     def __call__(self, images: Tensor) -> Tensor:
         return from_uint8_hwc(self.process_batch(to_uint8_hwc(images))).to(images.device)
