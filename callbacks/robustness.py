@@ -1,4 +1,4 @@
-"""RobustnessEvaluation: FGSM and the defenses over the whole test set, strong attacks on a subset."""
+"""RobustnessEvaluation: FGSM and the defenses over the whole test set, the ε sweep and strong attacks on a subset."""
 
 import lightning as L
 
@@ -13,8 +13,9 @@ from cifar_lightning.study import Study
 
 class RobustnessEvaluation(StudyCallback):
     """During ``trainer.test``: attack every test batch with FGSM and apply each defense to the clean
-    and the attacked images; then run the strong attacks (PGD, the AutoAttack-style ensemble, the
-    adaptive attack on each defense) on a fixed, seeded, class-stratified subset of the test set.
+    and the attacked images (the ε sweep's budgets on the subset's images); then run the strong attacks
+    (PGD, the AutoAttack-style ensemble, the adaptive attack on each defense) on that fixed, seeded,
+    class-stratified subset of the test set.
     Every model under test of the run's study (``callbacks.study.StudyCallback``) is scored on
     these images.
 
@@ -28,8 +29,11 @@ class RobustnessEvaluation(StudyCallback):
         eps: attack budget in [0, 1] pixel space (L∞).
         defenses: defenses to evaluate; the seed's four (Gaussian k3, JPEG q30, median k3, TV 0.1)
             by default.
-        eps_sweep: further budgets for the accuracy-vs-ε curve (FGSM with and without defenses on
-            every image; PGD and the ensemble on the subset).
+        eps_sweep: further budgets for the accuracy-vs-ε curve (FGSM with and without each defense, and
+            PGD, on the subset; ``sweep_on_subset: false`` for FGSM on every image).
+        sweep_on_subset: the sweep's FGSM and defenses on the subset's images, where its PGD runs: the
+            whole ε curve on one set of images, and of the sweep's model passes (most of a study's on
+            every image) only the subset's share. False: on every test image.
         sample: the image of the seed's figure: a test-set index, or a class name for the first
             test image of that class that the model gets right and FGSM flips.
         strong_attacks: run the strong attacks on the subset.
@@ -57,6 +61,7 @@ class RobustnessEvaluation(StudyCallback):
         eps: float = 0.03,
         defenses: list[Defense] | None = None,
         eps_sweep: list[float] = (1 / 255, 2 / 255, 4 / 255, 16 / 255),
+        sweep_on_subset: bool = True,
         sample: str | int = "ship",
         strong_attacks: bool = True,
         subset: int | None = 1000,
@@ -93,7 +98,7 @@ class RobustnessEvaluation(StudyCallback):
             raise ValueError(f"{owner}: sample={sample!r} must be a test index or one of {CLASSES}")
         defenses = default_defenses() if defenses is None else defenses
         eps_sweep = sorted(set(eps_sweep) - {0.0, eps})
-        self.suite = AttackSuite(eps, defenses, eps_sweep)
+        self.suite = AttackSuite(eps, defenses, eps_sweep, sweep_on_subset)
         self.strong = StrongAttacks(eps, defenses, eps_sweep, pgd_steps, pgd_restarts, ensemble, sweep_ensemble,
                                     adaptive, seed, autoattack,
                                     square_queries if "black_box" in checks else None, l2_eps) if strong_attacks else None

@@ -62,6 +62,8 @@ class Defense(abc.ABC):
         return np.stack([self.process(image) for image in images])
 
     def __call__(self, images: Tensor) -> Tensor:
+        if not len(images):  # e.g. a test batch with no image of the subset the ε sweep runs on
+            return images.clone()
         return from_uint8_hwc(self.process_batch(to_uint8_hwc(images))).to(images.device)
 
     def __repr__(self) -> str:

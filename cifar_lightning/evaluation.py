@@ -162,18 +162,22 @@ class StageTimer:
 
 
 class AttackSuite:
-    """Makes every attacked and defended version of a batch, each exactly once: the study on every
-    test image (FGSM, the ε sweep, the defenses). The strong attacks run on a subset
-    (:class:`StrongAttacks`).
+    """Makes every attacked and defended version of a batch, each exactly once: FGSM and the defenses
+    on every test image, the ε sweep on every image or on the strong attacks' subset alone
+    (``sweep_on_subset``). The strong attacks run on that subset (:class:`StrongAttacks`).
 
     Args:
         eps: FGSM budget in [0, 1] pixel space (L∞).
         defenses: image-processing defenses applied to clean and FGSM images.
         eps_sweep: extra FGSM budgets, each evaluated with and without every defense.
+        sweep_on_subset: make the sweep's images (FGSM at each budget, and each defense of them) for the
+            subset's images alone, where PGD's sweep runs: the sweep is most of a study's model passes.
     """
 
-    def __init__(self, eps: float, defenses: Sequence[Defense], eps_sweep: Sequence[float] = ()) -> None:
+    def __init__(self, eps: float, defenses: Sequence[Defense], eps_sweep: Sequence[float] = (),
+                 sweep_on_subset: bool = False) -> None:
         self.eps, self.defenses, self.eps_sweep = eps, list(defenses), list(eps_sweep)
+        self.sweep_on_subset = sweep_on_subset
 
     @property
     def attacked_kinds(self) -> list[InputKind]:
@@ -189,23 +193,33 @@ class AttackSuite:
             kinds += [kind] + [kind.defended(d) for d in self.defenses]
         return kinds
 
-    def __call__(self, model: nn.Module, images: Tensor, labels: Tensor, timer: StageTimer) -> dict[str, Tensor]:
-        """All input kinds for a batch of [0, 1] images (N, 3, H, W), by name, on their device."""
+    def on_subset(self, kind: InputKind) -> bool:
+        """Whether ``kind``'s images are made, and scored, for the subset's images of a batch alone."""
+        return kind.sweep and self.sweep_on_subset
+
+    def __call__(self, model: nn.Module, images: Tensor, labels: Tensor, timer: StageTimer,
+                 subset: Tensor) -> dict[str, Tensor]:
+        """All input kinds for a batch of [0, 1] images (N, 3, H, W), by name, on their device: (N, 3, H, W)
+        each, or (M, 3, H, W) for a kind :meth:`on_subset`, the images at the batch positions ``subset`` (M,)."""
         inputs = {CLEAN.name: images}
-        with timer("fgsm"):
+        with timer("fgsm"):  # one gradient for every budget, so the whole batch's
             attacked = fgsm_at_budgets(model, images, labels, [kind.eps for kind in self.attacked_kinds])
-        inputs |= {kind.name: adversarial for kind, adversarial in zip(self.attacked_kinds, attacked)}
+        inputs |= {kind.name: adversarial[subset] if self.on_subset(kind) else adversarial
+                   for kind, adversarial in zip(self.attacked_kinds, attacked)}
         for defense in self.defenses:
             with timer(f"defense {defense.name}"):
                 for kind in [CLEAN, *self.attacked_kinds]:
                     inputs[kind.defended(defense).name] = defense(inputs[kind.name])
         return inputs
 
-    def standing(self, probabilities: dict[str, Tensor], labels: Tensor) -> dict[str, Tensor]:
-        """Per image, where the strong attacks' chains start, by input name: right on the clean image
-        (``clean``); right on it and after FGSM at each budget (``fgsm``, ``fgsm_eps<ε>``); right on
-        the defended clean and FGSM images (``fgsm/<defense>``). Only the kinds in ``probabilities``."""
-        right = {name: p.argmax(dim=1) == labels for name, p in probabilities.items()}
+    def standing(self, probabilities: dict[str, Tensor], labels: Tensor, subset: Tensor) -> dict[str, Tensor]:
+        """Per image of the subset (the batch positions ``subset``), where the strong attacks' chains start,
+        by input name: right on the clean image (``clean``); right on it and after FGSM at each budget
+        (``fgsm``, ``fgsm_eps<ε>``); right on the defended clean and FGSM images (``fgsm/<defense>``). Only
+        the kinds in ``probabilities``, each (N, classes), or (M, classes) for a kind :meth:`on_subset`."""
+        kinds = {kind.name: kind for kind in self.kinds}
+        right = {name: p.argmax(dim=1) == labels[subset] if self.on_subset(kinds[name]) else
+                 (p.argmax(dim=1) == labels)[subset] for name, p in probabilities.items()}
         standing = {CLEAN.name: right[CLEAN.name]}
         standing |= {k.name: right[CLEAN.name] & right[k.name] for k in self.attacked_kinds if k.name in right}
         main = fgsm_kind(self.eps)
@@ -473,38 +487,58 @@ class AttackSuccessRate(Metric):
 
 class RobustnessMetrics:
     """Accuracy for every input kind, attack success for the attacked ones, per-class accuracy
-    for clean and FGSM images, and agreement with a reference model's predictions."""
+    for clean and FGSM images, and agreement with a reference model's predictions.
 
-    def __init__(self, kinds: Sequence[InputKind], device: torch.device, num_classes: int = len(CLASSES)) -> None:
-        self.accuracy = {k.name: MulticlassAccuracy(num_classes, average="micro").to(device) for k in kinds}
+    ``on_subset``: the kinds scored on the subset's images alone (``AttackSuite.on_subset``); the
+    other kinds' accuracy on those same images is kept too, so that a curve can be drawn on one set."""
+
+    def __init__(self, kinds: Sequence[InputKind], device: torch.device, num_classes: int = len(CLASSES),
+                 on_subset: Sequence[str] = ()) -> None:
+        accuracy = lambda: MulticlassAccuracy(num_classes, average="micro").to(device)
+        self.accuracy = {k.name: accuracy() for k in kinds}
         self.success = {k.name: AttackSuccessRate().to(device) for k in kinds if k.attacked}
         per_class = [k.name for k in kinds if not (k.defense or k.sweep or k.corruption)]  # clean and FGSM at the main ε
         self.per_class = {n: MulticlassAccuracy(num_classes, average=None).to(device) for n in per_class}
-        self.agreement = MulticlassAccuracy(num_classes, average="micro").to(device)
-        self.images = SumMetric().to(device)
+        self.agreement = accuracy()
+        self.on_subset = set(on_subset)
+        self.subset_accuracy = {k.name: accuracy() for k in kinds if k.name not in self.on_subset} if on_subset else {}
+        self.images, self.subset_images = SumMetric().to(device), SumMetric().to(device)
 
-    def update(self, preds: dict[str, Tensor], target: Tensor, reference: Tensor | None = None) -> None:
-        """Predicted labels (N,) by input kind; ``reference``: another model's clean predictions, to
+    def update(self, preds: dict[str, Tensor], target: Tensor, reference: Tensor | None = None,
+               subset: Tensor | None = None) -> None:
+        """Predicted labels (N,) by input kind, (M,) for a kind on the subset, whose images are at the
+        positions ``subset`` (M,) of the batch; ``reference``: another model's clean predictions, to
         count how often the two agree."""
+        def scored(values: Tensor, name: str) -> Tensor:  # a kind's share of the batch's `values`
+            return values[subset] if name in self.on_subset else values
+
         for name, metric in self.accuracy.items():
-            metric.update(preds[name], target)
+            metric.update(preds[name], scored(target, name))
         for name, metric in self.success.items():
-            metric.update(preds[CLEAN.name], preds[name], target)
+            metric.update(scored(preds[CLEAN.name], name), preds[name], scored(target, name))
         for name, metric in self.per_class.items():
             metric.update(preds[name], target)
+        for name, metric in self.subset_accuracy.items():
+            metric.update(preds[name][subset], target[subset])
         if reference is not None:
             self.agreement.update(preds[CLEAN.name], reference)
         self.images.update(len(target))
+        self.subset_images.update(len(subset) if subset is not None else 0)
 
     def compute(self) -> dict:
         """Synced over ranks: ``{"acc": {input: …}, "attack_success": {input: …},
-        "acc_class": {input: {class: …}}, "agreement": float | None, "images": int}``."""
+        "acc_class": {input: {class: …}}, "agreement": float | None, "images": {input: int},
+        "acc_subset": {input: …}}`` (the last: every kind's accuracy on the subset's images, with ``on_subset``)."""
+        images, subset_images = int(self.images.compute().item()), int(self.subset_images.compute().item())
+        acc = {name: m.compute().item() for name, m in self.accuracy.items()}
         return {
-            "acc": {name: m.compute().item() for name, m in self.accuracy.items()},
+            "acc": acc,
             "attack_success": {name: m.compute().item() for name, m in self.success.items()},
             "acc_class": {name: dict(zip(CLASSES, m.compute().tolist())) for name, m in self.per_class.items()},
             "agreement": self.agreement.compute().item() if self.agreement.update_called else None,
-            "images": int(self.images.compute().item()),
+            "images": {name: subset_images if name in self.on_subset else images for name in self.accuracy},
+            "acc_subset": {name: self.subset_accuracy[name].compute().item() if name in self.subset_accuracy
+                           else acc[name] for name in self.accuracy} if self.on_subset else {},
         }
 
 
@@ -528,4 +562,4 @@ class RobustAccuracy:
         right = robust.pop(CLEAN.name)
         return {"acc": {name: count / images for name, count in robust.items()},
                 "attack_success": {name: 1 - count / right if right else float("nan") for name, count in robust.items()},
-                "images": images, "clean_acc": right / images}
+                "images": dict.fromkeys(robust, images), "clean_acc": right / images}

@@ -92,14 +92,15 @@ class Report:
         ``RobustAccuracy.compute`` (the strong attacks' subset), for the input ``kinds``."""
         accuracy, success = results["acc"], results["attack_success"]
         for kind in kinds:
-            self.rows.append({"model": model, **kind.row(), "images": results["images"], "acc": accuracy[kind.name],
+            self.rows.append({"model": model, **kind.row(), "images": results["images"][kind.name],
+                              "acc": accuracy[kind.name],
                               "attack_success": success.get(kind.name, float("nan")),
                               "worst_of": "+".join(kind.worst_of) or None, "kind": kind})
         for name, per_class in results.get("acc_class", {}).items():
             self.per_class[f"{model} {name}"] = per_class
         row = self.summary.setdefault(model, {})
         if CLEAN.name in accuracy:
-            row |= {"test_images": results["images"], "clean_acc": accuracy[CLEAN.name]}
+            row |= {"test_images": results["images"][CLEAN.name], "clean_acc": accuracy[CLEAN.name]}
             if "fgsm" in accuracy:
                 row |= {"fgsm_acc": accuracy["fgsm"], "fgsm_success": success["fgsm"]}
         if results.get("agreement") is not None:
@@ -296,17 +297,18 @@ def sample_grid(samples: list[tuple[dict[str, Tensor], dict[str, Tensor], int]],
     return figure
 
 
-def eps_curve(eps: list[float], accuracy: dict[str, list[float]], model: str) -> plt.Figure:
-    """Accuracy against the budget ε, one line per attack and defense."""
+def eps_curve(eps: list[float], accuracy: dict[str, list[float]], title: str) -> plt.Figure:
+    """Accuracy against the budget ε, one line per attack and defense: FGSM's solid, the strong attacks' dashed."""
     figure, axis = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
     for curve, values in accuracy.items():
-        axis.plot([e * 255 for e in eps], values, marker="o", label=curve, linestyle="--" if "subset" in curve else "-")
+        axis.plot([e * 255 for e in eps], values, marker="o", label=curve,
+                  linestyle="-" if curve.startswith("FGSM") else "--")
     axis.set_xlabel("ε (grey levels of 255)")
     axis.set_ylabel("test accuracy")
     axis.set_ylim(0, 1)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    axis.set_title(f"{model}: accuracy against ε", fontsize=10)
+    axis.set_title(title, fontsize=10)
     return figure
 
 

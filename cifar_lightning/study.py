@@ -84,6 +84,7 @@ class Study:
         self.timer = StageTimer()
         self.report = Report()
         self.masks: dict[str, Tensor] = {}  # "<model>/<input>" → (subset images,) bool
+        self.subset_accuracy: dict[str, float] = {}  # the first model's, per input, when the sweep runs on the subset
         self.begun = False
 
     @property
@@ -149,7 +150,9 @@ class Study:
             raise ConfigError(f"invalid configuration: RobustnessEvaluation: subset={self.subset_size} is larger than "
                               f"the test set ({len(labels)} images). Fix: pass at most {len(labels)}, or null for all.")
         self.batch_size, self.device = batch_size, device
-        self.metrics = {name: RobustnessMetrics(self.kinds(model), device) for name, model in self.models.items()}
+        self.metrics = {name: RobustnessMetrics(self.kinds(model), device, on_subset=[
+            kind.name for kind in self.kinds(model) if self.attacks and self.attacks.on_subset(kind)])
+            for name, model in self.models.items()}
         self.subset_indices = set(stratified_subset(labels, self.subset_size, self.seed).tolist())
         self.subset: dict = {"index": [], "images": [], "labels": [], "standing": {name: [] for name in self.models}}
         corruptions = self.corruptions
@@ -174,11 +177,13 @@ class Study:
                 torch.save(module.state_dict() if module is not None else None, buffer)
                 digest.update(f"{model.name} {model.gradients} {model.sweep} {module!r}".encode() + buffer.getvalue())
         defenses = [(type(d).__qualname__, sorted(vars(d).items())) for d in (self.attacks.defenses if self.attacks else [])]
+        suite = vars(self.attacks) | {"defenses": None} if self.attacks is not None else None
         strong = vars(self.strong) | {"defenses": None} if self.strong is not None else None
         checks = vars(self.checks) if self.checks is not None else None
         corruptions = vars(self.corruptions) if self.corruptions is not None else None
         digest.update(repr((labels.tolist(), list(order), self.batch_size, [self.kinds(m) for m in self.models.values()],
-                            defenses, strong, checks, corruptions, sorted(self.subset_indices), self.sample)).encode())
+                            defenses, suite, strong, checks, corruptions, sorted(self.subset_indices),
+                            self.sample)).encode())
         return digest.hexdigest()
 
     def _measure(self, model: ModelUnderTest) -> None:
@@ -197,9 +202,10 @@ class Study:
         record, _ = self.journal.unit(f"batch{indices[0]}", partial(self._batch, images, labels, indices, clean_logits))
         for stage, seconds in record["seconds"].items():
             self.timer.seconds[stage] += seconds
-        primary = record["preds"][self.primary.name]
+        primary, positions = record["preds"][self.primary.name], record["positions"]
         for name, preds in record["preds"].items():
-            self.metrics[name].update(preds, labels, None if name == self.primary.name else primary[CLEAN.name])
+            self.metrics[name].update(preds, labels, None if name == self.primary.name else primary[CLEAN.name],
+                                      positions)
         self.samples |= record["samples"]
         for key, part in record["subset"].items():
             self.subset[key].append(part)
@@ -213,7 +219,9 @@ class Study:
         new samples, the batch's images of the subset and where each model's chains start there, and the
         seconds of each stage."""
         primary, timer = self.primary, StageTimer()
-        inputs = self.attacks(primary.model, images, labels, timer) if self.attacks else {CLEAN.name: images}
+        positions = torch.tensor([p for p, index in enumerate(indices) if index in self.subset_indices],
+                                 dtype=torch.long, device=labels.device)  # the batch's images of the subset
+        inputs = self.attacks(primary.model, images, labels, timer, positions) if self.attacks else {CLEAN.name: images}
         kinds = {name: self.kinds(model) for name, model in self.models.items()}
         logits = {name: {} for name in self.models}
         if clean_logits is not None:
@@ -224,15 +232,14 @@ class Study:
                 logits[name][kind.name] = found
         probabilities = {name: {kind.name: logits[name][kind.name].softmax(dim=1).to(labels.device)
                                 for kind in kinds[name]} for name in self.models}
-        positions = torch.tensor([p for p, index in enumerate(indices) if index in self.subset_indices],
-                                 dtype=torch.long, device=labels.device)
         corrupted = [p for p, index in enumerate(indices) if index in self.corrupted_indices]
         return {
             "preds": {name: {kind: p.argmax(dim=1) for kind, p in found.items()} for name, found in probabilities.items()},
+            "positions": positions,
             "samples": self._new_samples(indices, labels, inputs, probabilities) if self.attacks is not None else {},
             "subset": {"index": torch.tensor(indices)[positions.cpu()], "images": images[positions],
                        "labels": labels[positions]} if self.strong is not None else {},
-            "standing": {name: {kind: right[positions] for kind, right in self.attacks.standing(found, labels).items()}
+            "standing": {name: self.attacks.standing(found, labels, positions)
                          for name, found in probabilities.items()} if self.strong is not None else {},
             "corrupted": {"index": torch.tensor(indices)[corrupted], "images": images[corrupted],
                           "labels": labels[corrupted],
@@ -247,6 +254,8 @@ class Study:
         model with a ``joint`` pass runs it for the first model too when both are named (timed as the
         first model's passes). Inputs go in channels_last: faster for FP32 convolutions, neutral for int8."""
         logits, first = {}, self.primary.name
+        if not len(images):  # a batch with no image of the subset, for a kind made on the subset alone
+            return {name: images.new_zeros(0, len(CLASSES)) for name in names}
         for name in sorted(names, key=lambda name: self.models[name].joint is None):  # joint passes first
             model = self.models[name]
             batch = images.to(model.device).contiguous(memory_format=torch.channels_last)
@@ -303,7 +312,7 @@ class Study:
             results = self.metrics[name].compute()
             self.report.add(name, results, self.kinds(model))
             if model is self.primary:
-                self.accuracy = dict(results["acc"])
+                self.accuracy, self.subset_accuracy = dict(results["acc"]), results["acc_subset"]
             if self.strong is not None:
                 self._strong_attacks(model, progress)
         if self.corruptions is not None:
@@ -431,20 +440,25 @@ class Study:
         parts = gather(table)
         return pd.DataFrame({key: [value for part in parts for value in part[key]] for key in table}).sort_values("index")
 
-    def eps_curves(self) -> tuple[list[float], dict[str, list[float]]]:
-        """The first model's accuracy against ε: FGSM with and without each defense on every image;
-        PGD and the chain's last member on the subset."""
+    def eps_curves(self) -> tuple[list[float], dict[str, list[float]], str]:
+        """The first model's accuracy against ε and the figure's title: FGSM with and without each
+        defense, on every image or, with the sweep on the subset, on the subset (every point, the main ε's
+        too); PGD and the chain's last member on the subset."""
         eps = sorted({0.0, self.attacks.eps, *self.attacks.eps_sweep})
         at = {0.0: CLEAN} | {kind.eps: kind for kind in self.attacks.attacked_kinds}
-        curves = {"FGSM": [self.accuracy[at[e].name] for e in eps]}
+        on_subset = bool(self.subset_accuracy)  # the sweep was scored on the subset alone
+        fgsm = self.subset_accuracy if on_subset else self.accuracy
+        curves = {"FGSM": [fgsm[at[e].name] for e in eps]}
         for defense in self.attacks.defenses:
-            curves[f"FGSM, {defense.name}"] = [self.accuracy[at[e].defended(defense).name] for e in eps]
+            curves[f"FGSM, {defense.name}"] = [fgsm[at[e].defended(defense).name] for e in eps]
         if self.strong is not None:
             for member, label in [("pgd", "PGD"), *[(m, f"worst case to {m.upper()}") for m in self.strong.ensemble[-1:]]]:
                 chains = [{kind.attack: kind.name for kind in self.strong.chain(e)} for e in eps[1:]]
-                curves[f"{label} (subset)"] = [self.accuracy["clean (subset)"]] + [
+                curves[label if on_subset else f"{label} (subset)"] = [self.accuracy["clean (subset)"]] + [
                     self.accuracy[chain[member]] if member in chain else float("nan") for chain in chains]  # nan: not run
-        return eps, curves
+        images = len(self.subset_indices)
+        title = f"{self.primary.name}: accuracy against ε" + (f" ({images:,} test images)" if on_subset else "")
+        return eps, curves, title
 
     def main_sample(self) -> dict | None:
         """The image of the seed's figure: the requested index, or the first image of the requested
@@ -465,7 +479,7 @@ class Study:
         if self.attacks is None:
             return figures
         figures |= {"accuracy_bars": accuracy_bars(self.report.rows_with_kinds(), self.attacks.eps),
-                   "eps_curve": eps_curve(*self.eps_curves(), self.primary.name)}
+                   "eps_curve": eps_curve(*self.eps_curves())}
         sample = self.main_sample()
         if sample is not None:
             note = "" if sample["flipped"] or isinstance(self.sample, int) else ", none of its class flipped by FGSM"

@@ -74,6 +74,12 @@ def test_defenses_change_images():
         assert not np.array_equal(defense.process_batch(batch), batch), defense.name
 
 
+def test_a_defense_of_no_images_is_no_images():
+    empty = torch.rand(0, 3, 32, 32)  # a test batch with none of the subset the ε sweep runs on
+    for defense in default_defenses():
+        assert defense(empty).shape == (0, 3, 32, 32), defense.name
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

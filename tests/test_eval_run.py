@@ -26,7 +26,9 @@ def test_test_run_logs_the_headline_once_and_it_matches_the_tables(tested_run):
     assert set(logged) == set(HEADLINE) - {"test/autoattack_acc"}
     assert all(len(values) == 1 for values in logged.values())
     table = pd.read_csv(tested_run / "results.csv")
-    assert set(table.model) == set(MODELS) and (table.images[table.threat == "non-adaptive"] == 256).all()
+    assert set(table.model) == set(MODELS)
+    fgsm = table[table.threat == "non-adaptive"]  # FGSM at ε on every test image, its ε sweep on the subset
+    assert (fgsm.images == fgsm.input.str.startswith("fgsm_eps").map({True: 32, False: 256})).all()
     acc = table.set_index(["model", "input"]).acc
     assert logged["test/acc"] == [pytest.approx(acc["fp32", "clean"])]  # the LightningModule == the callback
     assert logged["test/fgsm_acc"] == [pytest.approx(acc["fp32", "fgsm"])]
@@ -125,9 +127,10 @@ def test_strong_attacks_run_on_the_subset_and_their_masks_recompute_the_table(te
 
 
 def _switched(config: dict, on: bool) -> None:
-    # On: one more member (FAB-T; Square runs in the checks of every run already), and the L2 threat
-    # model off, to keep the run short: two switches, each changing only its own rows.
-    changes = {"ensemble": ["apgd-ce", "apgd-t", "fab-t"], "l2_eps": None} if on else {}
+    # On: one more member (FAB-T; Square runs in the checks of every run already), the L2 threat model
+    # off, to keep the run short, and the ε sweep on every image: three switches, each changing only its
+    # own rows.
+    changes = {"ensemble": ["apgd-ce", "apgd-t", "fab-t"], "l2_eps": None, "sweep_on_subset": False} if on else {}
     small_subset(config, strong_attacks=on, adaptive=on, **changes)
     callback_args(config, "QuantizationEvaluation")["whitebox"] = on
 
@@ -135,8 +138,8 @@ def _switched(config: dict, on: bool) -> None:
 @pytest.mark.parametrize("on", [False, True], ids=["all off", "all on"])
 def test_optional_attacks_leave_every_other_number_identical(cifar_slice, fitted_run, tested_run, tmp_path, on):
     """Switching the strong attacks, the adaptive attacks, the int8 white-box attack or more ensemble
-    members on or off changes only the rows they own: the attacks restore the model and the random
-    stream exactly."""
+    members on or off, or the ε sweep from the subset to every image, changes only the rows they own:
+    the attacks restore the model and the random stream exactly."""
     config = write_config(tmp_path, lambda c: _switched(c, on))
     run_cli("test", "--config", str(config), "--data.data_dir", str(cifar_slice), "--data.batch_size", "128",
             "--ckpt_path", str(fitted_run / "checkpoints" / "best.ckpt"), "--trainer.enable_progress_bar", "false",
@@ -144,6 +147,11 @@ def test_optional_attacks_leave_every_other_number_identical(cifar_slice, fitted
     switched = pd.read_csv(tmp_path / "lightning_logs" / "version_0" / "results.csv").set_index(["model", "input"])
     default = pd.read_csv(tested_run / "results.csv").set_index(["model", "input"])
     shared = default.index.intersection(switched.index)
+    swept = shared[shared.get_level_values("input").str.startswith("fgsm_eps")]
+    assert len(swept) == 1 + len(DEFENSES)  # FGSM at 2/255 and each defense of it, scored by fp32 alone
+    assert (default.loc[swept, "images"] == 32).all()  # the default: on the subset
+    assert (switched.loc[swept, "images"] == (256 if on else 32)).all()
+    shared = shared.difference(swept) if on else shared
     pd.testing.assert_frame_equal(switched.loc[shared, ["acc", "attack_success"]], default.loc[shared, ["acc", "attack_success"]])
     if on:
         assert set(switched.index.difference(default.index)) == {("fp32", "fab-t")}

@@ -56,8 +56,23 @@ def test_metrics_on_known_predictions():
     results = metrics.compute()
     assert results["acc"] == {"clean": 0.75, "fgsm": 0.25, "fgsm/jpeg_q30": 0.75, "clean/jpeg_q30": 1.0}
     assert results["attack_success"] == {"fgsm": pytest.approx(2 / 3), "fgsm/jpeg_q30": pytest.approx(1 / 3)}
-    assert results["agreement"] == 0.5 and results["images"] == 4
+    assert results["agreement"] == 0.5 and results["images"] == dict.fromkeys(results["acc"], 4)
     assert results["acc_class"]["clean"]["airplane"] == 1.0 and results["acc_class"]["clean"]["cat"] == 0.0
+    assert results["acc_subset"] == {}  # no kind on the subset
+
+
+def test_metrics_of_a_kind_scored_on_the_subset_count_the_subset_alone():
+    sweep = fgsm_kind(2 / 255, sweep=True)
+    metrics = RobustnessMetrics([InputKind(), fgsm_kind(0.03), sweep], torch.device("cpu"), on_subset=[sweep.name])
+    target, subset = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2])
+    metrics.update({"clean": torch.tensor([0, 1, 2, 0]), "fgsm": torch.tensor([5, 5, 2, 0]),
+                    sweep.name: torch.tensor([1, 7])}, target, subset=subset)  # images 1 and 2: right, wrong
+    results = metrics.compute()
+    assert results["images"] == {"clean": 4, "fgsm": 4, sweep.name: 2}
+    assert results["acc"] == {"clean": 0.75, "fgsm": 0.25, sweep.name: 0.5}
+    assert results["attack_success"][sweep.name] == 0.5  # both right when clean, one flipped
+    # Every kind on the same two images, for a curve drawn on one set: clean 2 of 2, FGSM 1 of 2.
+    assert results["acc_subset"] == {"clean": 1.0, "fgsm": 0.5, sweep.name: 0.5}
 
 
 def test_suite_makes_each_input_kind_once_and_describes_it():
@@ -66,8 +81,9 @@ def test_suite_makes_each_input_kind_once_and_describes_it():
     suite = AttackSuite(0.03, [JpegCompression(30), MedianFilter(3)], eps_sweep=[2 / 255])
     images, labels = torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,))
     timer = StageTimer()
-    inputs = suite(model, images, labels, timer)
+    inputs = suite(model, images, labels, timer, subset=torch.tensor([1, 4]))
     kinds = {kind.name: kind for kind in suite.kinds}
+    assert {len(batch) for batch in inputs.values()} == {6}  # the sweep on every image: the subset unused
     assert set(inputs) == set(kinds)
     assert {"fgsm_eps0.0078/median_k3", "clean/jpeg_q30"} <= set(inputs)
     assert (inputs["fgsm"] - images).abs().max() <= 0.03 + 1e-6
@@ -78,6 +94,19 @@ def test_suite_makes_each_input_kind_once_and_describes_it():
     assert kinds["fgsm_eps0.0078"].eps == 2 / 255  # exact: the name rounds, the value does not
     assert kinds["clean"].threat == "none" and not kinds["clean/jpeg_q30"].attacked
     assert set(timer.seconds) >= {"fgsm", "defense jpeg_q30"}
+
+
+def test_the_sweep_on_the_subset_makes_the_same_images_for_those_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10)).eval()
+    images, labels, subset = torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,)), torch.tensor([1, 4])
+    everywhere = AttackSuite(0.03, [MedianFilter(3)], eps_sweep=[2 / 255])(model, images, labels, StageTimer(), subset)
+    suite = AttackSuite(0.03, [MedianFilter(3)], eps_sweep=[2 / 255], sweep_on_subset=True)
+    inputs = suite(model, images, labels, StageTimer(), subset)
+    assert [kind.name for kind in suite.kinds if suite.on_subset(kind)] == ["fgsm_eps0.0078", "fgsm_eps0.0078/median_k3"]
+    for kind in suite.kinds:
+        expected = everywhere[kind.name][subset] if suite.on_subset(kind) else everywhere[kind.name]
+        assert torch.equal(inputs[kind.name], expected), kind.name
 
 
 def test_the_subset_is_stratified_seeded_and_sorted():
@@ -108,19 +137,25 @@ def test_strong_attacks_describe_their_rows_and_start_where_fgsm_left_off():
     assert (transfer.name, transfer.worst_of, whitebox.name) == ("transfer", ("fgsm", "pgd", "apgd-ce"), "whitebox")
     suite = AttackSuite(0.03, [median], eps_sweep=[2 / 255])
     target = torch.tensor([0, 1, 2, 3])
-    standing = suite.standing({"clean": _one_hot([0, 1, 2, 9]), "fgsm": _one_hot([0, 5, 2, 3]),
-                               "fgsm_eps0.0078": _one_hot([0, 1, 2, 3]), "clean/median_k3": _one_hot([0, 1, 9, 3]),
-                               "fgsm/median_k3": _one_hot([0, 1, 2, 3])}, target)
+    found = {"clean": _one_hot([0, 1, 2, 9]), "fgsm": _one_hot([0, 5, 2, 3]), "fgsm_eps0.0078": _one_hot([0, 1, 2, 3]),
+             "clean/median_k3": _one_hot([0, 1, 9, 3]), "fgsm/median_k3": _one_hot([0, 1, 2, 3])}
+    standing = suite.standing(found, target, subset=torch.arange(4))
     assert standing["fgsm"].tolist() == [True, False, True, False]  # right when clean and after FGSM
     assert standing["fgsm_eps0.0078"].tolist() == [True, True, True, False]
     assert standing["fgsm/median_k3"].tolist() == [True, True, False, True]
+    # Where the subset's images stand, from predictions of every image or, for the sweep on the subset, of those.
+    on_subset = AttackSuite(0.03, [median], eps_sweep=[2 / 255], sweep_on_subset=True)
+    subset = torch.tensor([1, 3])
+    standing = on_subset.standing(found | {"fgsm_eps0.0078": _one_hot([1, 3])}, target, subset)
+    assert {name: mask.tolist() for name, mask in standing.items()} == {
+        "clean": [True, False], "fgsm": [False, False], "fgsm_eps0.0078": [True, False], "fgsm/median_k3": [True, True]}
 
 
 def test_robust_accuracy_from_masks():
     metric = RobustAccuracy([InputKind("pgd", 0.03, threat="white-box")], torch.device("cpu"))
     metric.update({"clean": torch.tensor([True, True, False, True]), "pgd": torch.tensor([True, False, False, False])})
     results = metric.compute()
-    assert results["acc"] == {"pgd": 0.25} and results["images"] == 4 and results["clean_acc"] == 0.75
+    assert results["acc"] == {"pgd": 0.25} and results["images"] == {"pgd": 4} and results["clean_acc"] == 0.75
     assert results["attack_success"]["pgd"] == pytest.approx(2 / 3)
 
 
@@ -146,15 +181,19 @@ class _CountingJpeg(JpegCompression):
 
 
 @pytest.mark.parametrize("from_test_step", [True, False], ids=["clean logits given", "computed"])
-def test_the_study_passes_each_image_through_each_model_once(from_test_step):
+@pytest.mark.parametrize("sweep_on_subset", [False, True], ids=["sweep everywhere", "sweep on the subset"])
+def test_the_study_passes_each_image_through_each_model_once(from_test_step, sweep_on_subset):
     """One gradient pass for FGSM at every budget, one evaluation pass per input kind (the clean one
-    taken from test_step when it has it), and each defense once per distinct image."""
+    taken from test_step when it has it), and each defense once per distinct image; the sweep's
+    kinds on the subset's images alone when asked."""
     torch.manual_seed(0)
     model, defense = _Counting().eval(), _CountingJpeg(30)
     study = Study(ModelUnderTest("fp32", model, torch.device("cpu")), latency_batch_size=2)
-    study.set_attacks(AttackSuite(0.03, [defense], eps_sweep=[2 / 255, 4 / 255]), strong=None)
+    study.set_attacks(AttackSuite(0.03, [defense], eps_sweep=[2 / 255, 4 / 255], sweep_on_subset=sweep_on_subset),
+                      strong=None, subset=2)
     images, labels = torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,))
     study.begin(labels, batch_size=6, device=torch.device("cpu"))
+    swept = 2 if sweep_on_subset else 6  # images of each sweep kind
     model.images = _CountingJpeg.images = 0
     with torch.inference_mode():
         logits = model(images) if from_test_step else None
@@ -162,5 +201,6 @@ def test_the_study_passes_each_image_through_each_model_once(from_test_step):
         study.update(images, labels, list(range(6)), logits)
     kinds = study.kinds(study.primary)  # clean, 3 FGSM budgets, each of those 4 defended: 8
     assert len(kinds) == 8
-    assert model.images == 6 * (1 + len(kinds) - from_test_step)  # one gradient pass, then each kind once
-    assert _CountingJpeg.images == 6 * 4  # the clean batch and each of the 3 FGSM batches
+    # One gradient pass, then each kind once: clean, FGSM and their JPEG on 6 images; 2 budgets, with JPEG, swept.
+    assert model.images == 6 * (1 + 4 - from_test_step) + swept * 4
+    assert _CountingJpeg.images == 6 * 2 + swept * 2  # the clean and FGSM batches, then the 2 swept ones
