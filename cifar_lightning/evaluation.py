@@ -489,8 +489,7 @@ class RobustnessMetrics:
     """Accuracy for every input kind, attack success for the attacked ones, per-class accuracy
     for clean and FGSM images, and agreement with a reference model's predictions.
 
-    ``on_subset``: the kinds scored on the subset's images alone (``AttackSuite.on_subset``); the
-    other kinds' accuracy on those same images is kept too, so that a curve can be drawn on one set."""
+    ``on_subset``: the kinds scored on the subset's images alone (``AttackSuite.on_subset``)."""
 
     def __init__(self, kinds: Sequence[InputKind], device: torch.device, num_classes: int = len(CLASSES),
                  on_subset: Sequence[str] = ()) -> None:
@@ -501,7 +500,6 @@ class RobustnessMetrics:
         self.per_class = {n: MulticlassAccuracy(num_classes, average=None).to(device) for n in per_class}
         self.agreement = accuracy()
         self.on_subset = set(on_subset)
-        self.subset_accuracy = {k.name: accuracy() for k in kinds if k.name not in self.on_subset} if on_subset else {}
         self.images, self.subset_images = SumMetric().to(device), SumMetric().to(device)
 
     def update(self, preds: dict[str, Tensor], target: Tensor, reference: Tensor | None = None,
@@ -518,8 +516,6 @@ class RobustnessMetrics:
             metric.update(scored(preds[CLEAN.name], name), preds[name], scored(target, name))
         for name, metric in self.per_class.items():
             metric.update(preds[name], target)
-        for name, metric in self.subset_accuracy.items():
-            metric.update(preds[name][subset], target[subset])
         if reference is not None:
             self.agreement.update(preds[CLEAN.name], reference)
         self.images.update(len(target))
@@ -527,18 +523,14 @@ class RobustnessMetrics:
 
     def compute(self) -> dict:
         """Synced over ranks: ``{"acc": {input: …}, "attack_success": {input: …},
-        "acc_class": {input: {class: …}}, "agreement": float | None, "images": {input: int},
-        "acc_subset": {input: …}}`` (the last: every kind's accuracy on the subset's images, with ``on_subset``)."""
+        "acc_class": {input: {class: …}}, "agreement": float | None, "images": {input: int}}``."""
         images, subset_images = int(self.images.compute().item()), int(self.subset_images.compute().item())
-        acc = {name: m.compute().item() for name, m in self.accuracy.items()}
         return {
-            "acc": acc,
+            "acc": {name: m.compute().item() for name, m in self.accuracy.items()},
             "attack_success": {name: m.compute().item() for name, m in self.success.items()},
             "acc_class": {name: dict(zip(CLASSES, m.compute().tolist())) for name, m in self.per_class.items()},
             "agreement": self.agreement.compute().item() if self.agreement.update_called else None,
             "images": {name: subset_images if name in self.on_subset else images for name in self.accuracy},
-            "acc_subset": {name: self.subset_accuracy[name].compute().item() if name in self.subset_accuracy
-                           else acc[name] for name in self.accuracy} if self.on_subset else {},
         }
 
 

@@ -298,11 +298,10 @@ def sample_grid(samples: list[tuple[dict[str, Tensor], dict[str, Tensor], int]],
 
 
 def eps_curve(eps: list[float], accuracy: dict[str, list[float]], title: str) -> plt.Figure:
-    """Accuracy against the budget ε, one line per attack and defense: FGSM's solid, the strong attacks' dashed."""
+    """Accuracy against the budget ε, one line per attack and defense."""
     figure, axis = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
     for curve, values in accuracy.items():
-        axis.plot([e * 255 for e in eps], values, marker="o", label=curve,
-                  linestyle="-" if curve.startswith("FGSM") else "--")
+        axis.plot([e * 255 for e in eps], values, marker="o", label=curve, linestyle="--" if "subset" in curve else "-")
     axis.set_xlabel("ε (grey levels of 255)")
     axis.set_ylabel("test accuracy")
     axis.set_ylim(0, 1)

@@ -84,7 +84,6 @@ class Study:
         self.timer = StageTimer()
         self.report = Report()
         self.masks: dict[str, Tensor] = {}  # "<model>/<input>" → (subset images,) bool
-        self.subset_accuracy: dict[str, float] = {}  # the first model's, per input, when the sweep runs on the subset
         self.begun = False
 
     @property
@@ -312,7 +311,7 @@ class Study:
             results = self.metrics[name].compute()
             self.report.add(name, results, self.kinds(model))
             if model is self.primary:
-                self.accuracy, self.subset_accuracy = dict(results["acc"]), results["acc_subset"]
+                self.accuracy = dict(results["acc"])
             if self.strong is not None:
                 self._strong_attacks(model, progress)
         if self.corruptions is not None:
@@ -441,23 +440,22 @@ class Study:
         return pd.DataFrame({key: [value for part in parts for value in part[key]] for key in table}).sort_values("index")
 
     def eps_curves(self) -> tuple[list[float], dict[str, list[float]], str]:
-        """The first model's accuracy against ε and the figure's title: FGSM with and without each
-        defense, on every image or, with the sweep on the subset, on the subset (every point, the main ε's
-        too); PGD and the chain's last member on the subset."""
+        """The first model's accuracy against ε, as in ``results.csv``, and the figure's title: FGSM with and
+        without each defense (at the sweep's budgets on the subset, with ``sweep_on_subset``); PGD and the
+        chain's last member on the subset."""
         eps = sorted({0.0, self.attacks.eps, *self.attacks.eps_sweep})
         at = {0.0: CLEAN} | {kind.eps: kind for kind in self.attacks.attacked_kinds}
-        on_subset = bool(self.subset_accuracy)  # the sweep was scored on the subset alone
-        fgsm = self.subset_accuracy if on_subset else self.accuracy
-        curves = {"FGSM": [fgsm[at[e].name] for e in eps]}
+        curves = {"FGSM": [self.accuracy[at[e].name] for e in eps]}
         for defense in self.attacks.defenses:
-            curves[f"FGSM, {defense.name}"] = [fgsm[at[e].defended(defense).name] for e in eps]
+            curves[f"FGSM, {defense.name}"] = [self.accuracy[at[e].defended(defense).name] for e in eps]
         if self.strong is not None:
             for member, label in [("pgd", "PGD"), *[(m, f"worst case to {m.upper()}") for m in self.strong.ensemble[-1:]]]:
                 chains = [{kind.attack: kind.name for kind in self.strong.chain(e)} for e in eps[1:]]
-                curves[label if on_subset else f"{label} (subset)"] = [self.accuracy["clean (subset)"]] + [
+                curves[f"{label} (subset)"] = [self.accuracy["clean (subset)"]] + [
                     self.accuracy[chain[member]] if member in chain else float("nan") for chain in chains]  # nan: not run
-        images = len(self.subset_indices)
-        title = f"{self.primary.name}: accuracy against ε" + (f" ({images:,} test images)" if on_subset else "")
+        title = f"{self.primary.name}: accuracy against ε"
+        if self.attacks.eps_sweep and self.attacks.sweep_on_subset:
+            title += f"\n(the ε sweep on the {len(self.subset_indices):,}-image subset)"
         return eps, curves, title
 
     def main_sample(self) -> dict | None:

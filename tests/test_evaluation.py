@@ -58,7 +58,6 @@ def test_metrics_on_known_predictions():
     assert results["attack_success"] == {"fgsm": pytest.approx(2 / 3), "fgsm/jpeg_q30": pytest.approx(1 / 3)}
     assert results["agreement"] == 0.5 and results["images"] == dict.fromkeys(results["acc"], 4)
     assert results["acc_class"]["clean"]["airplane"] == 1.0 and results["acc_class"]["clean"]["cat"] == 0.0
-    assert results["acc_subset"] == {}  # no kind on the subset
 
 
 def test_metrics_of_a_kind_scored_on_the_subset_count_the_subset_alone():
@@ -71,8 +70,6 @@ def test_metrics_of_a_kind_scored_on_the_subset_count_the_subset_alone():
     assert results["images"] == {"clean": 4, "fgsm": 4, sweep.name: 2}
     assert results["acc"] == {"clean": 0.75, "fgsm": 0.25, sweep.name: 0.5}
     assert results["attack_success"][sweep.name] == 0.5  # both right when clean, one flipped
-    # Every kind on the same two images, for a curve drawn on one set: clean 2 of 2, FGSM 1 of 2.
-    assert results["acc_subset"] == {"clean": 1.0, "fgsm": 0.5, sweep.name: 0.5}
 
 
 def test_suite_makes_each_input_kind_once_and_describes_it():
