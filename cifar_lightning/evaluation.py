@@ -511,7 +511,8 @@ class RobustnessMetrics:
             return values[subset] if name in self.on_subset else values
 
         for name, metric in self.accuracy.items():
-            metric.update(preds[name], scored(target, name))
+            if len(preds[name]):  # a batch with none of the subset's images has nothing to score there
+                metric.update(preds[name], scored(target, name))
         for name, metric in self.success.items():
             metric.update(scored(preds[CLEAN.name], name), preds[name], scored(target, name))
         for name, metric in self.per_class.items():

@@ -84,9 +84,10 @@ def test_an_unknown_autoattack_version_is_refused_naming_it():
 def _report(autoattack: str | None) -> Report:
     strong = StrongAttacks(8 / 255, [], ensemble=["apgd-ce"], adaptive=False, autoattack=autoattack)
     report = Report()
-    report.add("fp32", {"acc": {"clean": 0.8674}, "attack_success": {}, "images": 10_000}, [CLEAN])
+    report.add("fp32", {"acc": {"clean": 0.8674}, "attack_success": {}, "images": {"clean": 10_000}}, [CLEAN])
     accuracy = dict(zip([kind.name for kind in strong.kinds], [0.42, 0.40, 0.45, 0.41, 0.40, 0.3905]))
-    report.add("fp32", {"acc": accuracy, "attack_success": {}, "images": 1000, "clean_acc": 0.85}, strong.kinds)
+    report.add("fp32", {"acc": accuracy, "attack_success": {}, "images": dict.fromkeys(accuracy, 1000), "clean_acc": 0.85},
+               strong.kinds)
     return report
 
 
@@ -118,9 +119,10 @@ def test_the_apgd_version_runs_the_first_two_members_and_gives_no_autoattack_num
     assert [kind.name for kind in strong.autoattack_chain()] == ["autoattack.apgd-ce", "autoattack.apgd-t"]
     assert strong.autoattack_chain()[-1].steps == 100  # the standard version's budget
     report = Report()
-    report.add("fp32", {"acc": {"clean": 0.8674}, "attack_success": {}, "images": 10_000}, [CLEAN])
+    report.add("fp32", {"acc": {"clean": 0.8674}, "attack_success": {}, "images": {"clean": 10_000}}, [CLEAN])
     report.add("fp32", {"acc": dict(zip([kind.name for kind in strong.kinds], [0.42, 0.40, 0.45, 0.41])),
-                        "attack_success": {}, "images": 1000, "clean_acc": 0.85}, strong.kinds)
+                        "attack_success": {}, "images": {kind.name: 1000 for kind in strong.kinds}, "clean_acc": 0.85},
+               strong.kinds)
     entry = robustbench_entry(report.rows_with_kinds(), About("improvedcnn_cifar10_adv", "ImprovedCNN"))
     assert entry["autoattack_acc"] is None and "test/autoattack_acc" not in report.headline()
 
@@ -128,19 +130,19 @@ def test_the_apgd_version_runs_the_first_two_members_and_gives_no_autoattack_num
 def test_the_entrys_eps_is_the_linf_budget_when_l2_rows_are_there_too():
     strong = StrongAttacks(8 / 255, [], ensemble=["apgd-ce"], adaptive=False, l2_eps=0.5)
     report = Report()
-    report.add("fp32", {"acc": {"clean": 0.8674}, "attack_success": {}, "images": 10_000}, [CLEAN])
-    report.add("fp32", {"acc": {kind.name: 0.3 for kind in strong.kinds}, "attack_success": {}, "images": 1000,
-                        "clean_acc": 0.85}, strong.kinds)
+    report.add("fp32", {"acc": {"clean": 0.8674}, "attack_success": {}, "images": {"clean": 10_000}}, [CLEAN])
+    report.add("fp32", {"acc": {kind.name: 0.3 for kind in strong.kinds}, "attack_success": {},
+                        "images": {kind.name: 1000 for kind in strong.kinds}, "clean_acc": 0.85}, strong.kinds)
     entry = robustbench_entry(report.rows_with_kinds(), About("improvedcnn_cifar10_adv", "ImprovedCNN"))
     assert (entry["threat_model"], entry["eps"]) == ("Linf", "8/255")
 
 
 def test_the_corruptions_entry_is_written_only_when_every_corruption_and_severity_ran():
     everything, report = CorruptionSuite(), Report()
-    report.add("fp32", {"acc": {"clean": 0.9126}, "attack_success": {}, "images": 10_000}, [CLEAN])
+    report.add("fp32", {"acc": {"clean": 0.9126}, "attack_success": {}, "images": {"clean": 10_000}}, [CLEAN])
     accuracy = {kind.name: 0.9 if kind.corruption == "none" else 0.7 + 0.001 * (kind.severity or 0)
                 for kind in everything.kinds}
-    report.add("fp32", {"acc": accuracy, "attack_success": {}, "images": 1000}, everything.kinds)
+    report.add("fp32", {"acc": accuracy, "attack_success": {}, "images": dict.fromkeys(accuracy, 1000)}, everything.kinds)
     about = About("improvedcnn_cifar10", "ImprovedCNN")
     entry = corruptions_entry(report.rows_with_kinds(), about)
     assert (entry["threat_model"], entry["eps"], entry["clean_acc"]) == ("corruptions", None, "91.26")
@@ -149,7 +151,7 @@ def test_the_corruptions_entry_is_written_only_when_every_corruption_and_severit
     card = model_card(robustbench_entry(report.rows_with_kinds(), about), report.headline(), entry)
     assert "| common corruptions | 70.30% (1,000 test images) |" in card
     some, partial_report = CorruptionSuite(["fog"], [1, 2]), Report()
-    partial_report.add("fp32", {"acc": {"clean": 0.9126}, "attack_success": {}, "images": 10_000}, [CLEAN])
-    partial_report.add("fp32", {"acc": {kind.name: 0.7 for kind in some.kinds}, "attack_success": {}, "images": 1000},
-                       some.kinds)
+    partial_report.add("fp32", {"acc": {"clean": 0.9126}, "attack_success": {}, "images": {"clean": 10_000}}, [CLEAN])
+    partial_report.add("fp32", {"acc": {kind.name: 0.7 for kind in some.kinds}, "attack_success": {},
+                                "images": {kind.name: 1000 for kind in some.kinds}}, some.kinds)
     assert corruptions_entry(partial_report.rows_with_kinds(), about) is None  # not RobustBench's number

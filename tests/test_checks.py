@@ -133,7 +133,7 @@ def test_a_flagged_defense_is_never_the_best_one_unflagged():
     adaptive = {d: InputKind("pgd", EPS, 20, 1, d, "adaptive", worst_of=("fgsm", "pgd", "square")) for d in "ab"}
     kinds = [CLEAN, *adaptive.values()]
     report.add("fp32", {"acc": {CLEAN.name: 0.9, adaptive["a"].name: 0.6, adaptive["b"].name: 0.3},
-                        "attack_success": {}, "images": 100}, kinds)
+                        "attack_success": {}, "images": {kind.name: 100 for kind in kinds}}, kinds)
     best = report.headline()["test/best_defense_acc"]
     assert best[0] == 0.6 and best[1].startswith("a ")
     report.add_flags([Flag("fp32", "black_box/a", (adaptive["a"].name,), "black_box/a: Square breaks more")])

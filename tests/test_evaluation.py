@@ -66,9 +66,12 @@ def test_metrics_of_a_kind_scored_on_the_subset_count_the_subset_alone():
     target, subset = torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2])
     metrics.update({"clean": torch.tensor([0, 1, 2, 0]), "fgsm": torch.tensor([5, 5, 2, 0]),
                     sweep.name: torch.tensor([1, 7])}, target, subset=subset)  # images 1 and 2: right, wrong
+    no_image = torch.empty(0, dtype=torch.long)  # a batch with none of the subset's images
+    metrics.update({"clean": torch.tensor([4]), "fgsm": torch.tensor([4]), sweep.name: no_image}, torch.tensor([4]),
+                   subset=no_image)
     results = metrics.compute()
-    assert results["images"] == {"clean": 4, "fgsm": 4, sweep.name: 2}
-    assert results["acc"] == {"clean": 0.75, "fgsm": 0.25, sweep.name: 0.5}
+    assert results["images"] == {"clean": 5, "fgsm": 5, sweep.name: 2}
+    assert results["acc"] == {"clean": pytest.approx(0.8), "fgsm": pytest.approx(0.4), sweep.name: 0.5}
     assert results["attack_success"][sweep.name] == 0.5  # both right when clean, one flipped
 
 
