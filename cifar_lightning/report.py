@@ -88,8 +88,9 @@ class Report:
         self.flags: list[Flag] = []  # attack-failure checks that fired (checks.py)
 
     def add(self, model: str, results: dict, kinds: list[InputKind]) -> None:
-        """``results`` from ``RobustnessMetrics.compute`` (every test image) or
-        ``RobustAccuracy.compute`` (the strong attacks' subset), for the input ``kinds``."""
+        """``results`` from ``RobustnessMetrics.compute`` (every test image; the ε sweep's kinds on the
+        subset with ``sweep_on_subset``) or ``RobustAccuracy.compute`` (the strong attacks' subset), for the
+        input ``kinds``; ``results["images"]``: each input's number of images."""
         accuracy, success = results["acc"], results["attack_success"]
         for kind in kinds:
             self.rows.append({"model": model, **kind.row(), "images": results["images"][kind.name],
